@@ -1,0 +1,189 @@
+"""Timing helpers shared by every benchmark (benchmarks/ and `miniattn bench`).
+
+Method (the same as ../shared/peers-h100.md, so numbers compare):
+- ``graph``: median of `triton.testing.do_bench` over replays of a CUDA graph holding ONE call
+  (do_bench flushes L2 before every rep, so each rep sees a cold L2 plus one graph launch);
+- ``eager``: the same around a direct Python call;
+- ``host``: CUDA-event time per call of N back-to-back eager calls (what a Python loop sees: host
+  launch cost when the kernel is short).
+Ceilings are measured in the same process: `copy_bandwidth` (device-to-device copy, bytes read +
+written) and `read_bandwidth` (a reduction over a buffer, bytes read).
+On a CPU every mode falls back to wall-clock medians, and results are labelled as CPU numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Iterable
+
+import torch
+
+MODES = ("graph", "eager", "host")
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _do_bench(fn: Callable[[], None], warmup_ms: int, rep_ms: int) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+
+
+def _cpu_median_us(fn: Callable[[], None], reps: int = 5) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def capture_graph(fn: Callable[[], None], warmup_calls: int = 2) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph holding one call of `fn` (warmed up on a side stream first)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g
+
+
+def time_graph(fn: Callable[[], None], warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """µs per replay of a CUDA graph holding one call of `fn` (median, cold L2)."""
+    if not has_cuda():
+        return _cpu_median_us(fn)
+    g = capture_graph(fn)
+    return _do_bench(g.replay, warmup_ms, rep_ms)
+
+
+def time_eager(fn: Callable[[], None], warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """µs per direct call of `fn` (median, cold L2)."""
+    if not has_cuda():
+        return _cpu_median_us(fn)
+    return _do_bench(fn, warmup_ms, rep_ms)
+
+
+def time_host_loop(fn: Callable[[], None], calls: int = 200, warmup_calls: int = 20) -> float:
+    """µs per call of `calls` back-to-back eager calls, from CUDA events (launch-bound when small)."""
+    if not has_cuda():
+        return _cpu_median_us(fn)
+    for _ in range(warmup_calls):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
+def time_modes(fn: Callable[[], None], modes: Iterable[str] = MODES, **kw) -> dict:
+    """{mode: µs} for the requested modes (see module docstring)."""
+    timers = {"graph": time_graph, "eager": time_eager, "host": time_host_loop}
+    out = {}
+    for m in modes:
+        if m not in timers:
+            raise ValueError(f"mode must be one of {MODES}, got {m!r}")
+        out[m] = timers[m](fn, **kw) if m != "host" else timers[m](fn)
+    return out
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, mode: str = "graph") -> float:
+    """Device-to-device copy ceiling in GB/s, counting bytes read + written (`nbytes` each way)."""
+    if not has_cuda():
+        return float("nan")
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    us = (time_graph if mode == "graph" else time_eager)(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / us / 1e3
+
+
+def read_bandwidth(nbytes: int = 1 << 30, mode: str = "graph") -> float:
+    """Read ceiling in GB/s: a sum over `nbytes` of bf16 (output negligible)."""
+    if not has_cuda():
+        return float("nan")
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+    us = (time_graph if mode == "graph" else time_eager)(lambda: torch.sum(src, dtype=torch.float32, out=out))
+    del src
+    torch.cuda.empty_cache()
+    return nbytes / us / 1e3
+
+
+def gbps(nbytes: int, us: float) -> float:
+    return nbytes / us / 1e3 if us > 0 else float("nan")
+
+
+def env_info() -> dict:
+    """Device, versions and git commit, for the JSON next to every table."""
+    import triton
+
+    info = {
+        "device": torch.cuda.get_device_name() if has_cuda() else f"CPU ({platform.processor() or platform.machine()})",
+        "cpu_only": not has_cuda(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if has_cuda():
+        p = torch.cuda.get_device_properties(0)
+        info["sm_count"] = p.multi_processor_count
+        info["l2_bytes"] = getattr(p, "L2_cache_size", None)
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5
+        ).stdout.strip() or None
+    except Exception:
+        info["git_commit"] = None
+    return info
+
+
+def format_table(rows: list[dict], columns: list[str], floatfmt: str = "{:.1f}") -> str:
+    """A Markdown table of `rows` (dicts) over `columns`."""
+    def cell(v):
+        return floatfmt.format(v) if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, config: dict, rows: list[dict], extra: dict | None = None) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    doc = {"env": env_info(), "config": config, "rows": rows}
+    if extra:
+        doc.update(extra)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+
+
+def progress(it, **kw):
+    """tqdm when installed and stderr is a terminal-ish stream, else the iterable itself."""
+    try:
+        from tqdm import tqdm
+
+        return tqdm(it, **kw)
+    except Exception:
+        return it
