@@ -37,8 +37,14 @@ def interpreting() -> bool:
 
 
 def _hooks_installed() -> bool:
+    """True when a launch hook is set (Triton >= 3.4 keeps them in `HookChain`s that may be empty)."""
     rt = getattr(_knobs, "runtime", None)
-    return rt is not None and (rt.launch_enter_hook is not None or rt.launch_exit_hook is not None)
+    if rt is None:
+        return False
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 class Launcher:
