@@ -170,7 +170,7 @@ class BlockTable:
 
     def _cow_needed(self) -> bool:
         """True if the next token would land in a partially filled block that someone else owns."""
-        return self._num_tokens % self.block_size != 0 and self.allocator.ref_count(self._blocks[-1]) > 1
+        return self._num_tokens % self.block_size != 0 and self.allocator._refs[self._blocks[-1]] > 1
 
     def blocks_needed(self, n: int) -> int:
         """Blocks `append_tokens(n)` would take from the pool (including a copy-on-write block)."""
@@ -197,9 +197,12 @@ class BlockTable:
         """
         self._alive()
         need = self.blocks_needed(n)
+        if need == 0:  # most decode steps: room in a private last block
+            self._num_tokens += n
+            return []
         new = self.allocator.allocate(need)  # raises before any change
         copies = []
-        if need and self._cow_needed():
+        if self._cow_needed():
             src, dst = self._blocks[-1], new.pop(0)
             self.allocator.free(src)  # others still own it: ref count stays >= 1
             self._blocks[-1] = dst

@@ -37,6 +37,7 @@ Example
 from __future__ import annotations
 
 import operator
+from itertools import accumulate
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -105,6 +106,9 @@ class SlotMappingBuilder:
         d = self._dev
         self._d_slot = d[: 2 * T].view(torch.int64)
         self._d_pos = d[2 * T: 4 * T].view(torch.int64)
+        self._row_table = [None] * S  # the table whose blocks host row i holds (see _write_row)
+        self._row_len = [0] * S  # how many of its entries are non-padding
+        self._row_last = [None] * S  # its last entry
 
     def decode(self, tables: Sequence, pad_to: int | None = None) -> BatchSlots:
         """A decode step: each table's last token is new (append it first); pad rows up to `pad_to`."""
@@ -114,10 +118,12 @@ class SlotMappingBuilder:
               pad_tokens_to: int | None = None, pad_seqs_to: int | None = None) -> BatchSlots:
         """A prefill, decode or mixed step: the last ``query_lens[i]`` tokens of ``tables[i]`` are new.
 
-        `tables` are `BlockTable`s (or anything with `block_ids`, `num_tokens`) whose tokens for this
-        step were already appended. The token count is padded to `pad_tokens_to` with slot -1, the
-        sequence count to `pad_seqs_to` with seq_len 0 and zero block-table rows. ValueError when a
-        limit of the builder is exceeded or a query length is not in ``1..num_tokens``.
+        `tables` are `BlockTable`s (or anything with `block_ids`, `num_tokens` whose block list, like a
+        BlockTable's, only grows or has its last entry replaced) whose tokens for this step were
+        already appended. The token count is padded to `pad_tokens_to` with slot -1, the
+        sequence count to `pad_seqs_to` with seq_len 0 and zero block-table rows. ValueError, before
+        anything is written, when a limit of the builder is exceeded or a query length is not in
+        ``1..num_tokens``.
         """
         n, bs, W = len(tables), self.block_size, self.max_blocks_per_seq
         if len(query_lens) != n:
@@ -129,37 +135,43 @@ class SlotMappingBuilder:
             raise ValueError(f"need {n} <= padded sequences ({B}) <= max_num_seqs ({self.max_num_seqs})")
         if not total <= T <= self.max_num_tokens:
             raise ValueError(f"need {total} <= padded tokens ({T}) <= max_num_tokens ({self.max_num_tokens})")
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copy has read the host buffer
-        slot, pos, lens, cu = self._np_slot, self._np_pos, self._np_lens, self._np_cu
-        bt = self._np_bt[:B]
-        bt[:] = 0
-        cu[0] = off = max_len = max_q = 0
-        for i, (t, q) in enumerate(zip(tables, query_lens)):
-            ids, L = t.block_ids, t.num_tokens
+        ids_list = [t.block_ids for t in tables]
+        lens_list = [t.num_tokens for t in tables]
+        for i, (t, ids, L, q) in enumerate(zip(tables, ids_list, lens_list, query_lens)):
             if getattr(t, "block_size", bs) != bs:
                 raise ValueError(f"tables[{i}] has block_size {t.block_size}, builder has {bs}")
             if not 1 <= q <= L:
                 raise ValueError(f"query_lens[{i}]={q} not in 1..num_tokens ({L})")
-            if len(ids) > W:
-                raise ValueError(f"tables[{i}] has {len(ids)} blocks > max_blocks_per_seq ({W})")
-            bt[i, : len(ids)] = ids
-            if q == 1:  # decode: one scalar, no arrays
-                p = L - 1
-                slot[off] = ids[p // bs] * bs + p % bs
-                pos[off] = p
-            else:
+            if len(ids) > W or len(ids) * bs < L:
+                raise ValueError(f"tables[{i}]: {len(ids)} blocks for {L} tokens, max_blocks_per_seq={W}")
+
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has finished reading the host buffer
+        for i in range(n):
+            self._write_row(i, tables[i], ids_list[i])
+        for i in range(n, B):
+            self._write_row(i, None, ())
+        slot, pos = self._np_slot, self._np_pos
+        max_q = max(query_lens, default=0)
+        if max_q == 1:  # decode: plain Python ints, two array writes
+            last = [L - 1 for L in lens_list]
+            slot[:n] = [ids[p // bs] * bs + p % bs for ids, p in zip(ids_list, last)]
+            pos[:n] = last
+        else:
+            off = 0
+            for i, (L, q) in enumerate(zip(lens_list, query_lens)):
                 p = np.arange(L - q, L)
-                slot[off: off + q] = bt[i, p // bs].astype(np.int64) * bs + p % bs
+                slot[off: off + q] = self._np_bt[i, p // bs].astype(np.int64) * bs + p % bs
                 pos[off: off + q] = p
-            off += q
-            lens[i] = L
-            cu[i + 1] = off
-            max_len, max_q = max(max_len, L), max(max_q, q)
-        lens[n:B] = 0
-        cu[n + 1: B + 1] = off
-        slot[off:T] = -1
-        pos[off:T] = 0
+                off += q
+        slot[total:T] = -1
+        pos[total:T] = 0
+        self._np_lens[:n] = lens_list
+        self._np_lens[n:B] = 0
+        self._np_cu[0] = 0
+        self._np_cu[1: B + 1] = total
+        self._np_cu[1: n + 1] = list(accumulate(query_lens))
+
         if self._dev is not self._host:
             end = self._off_bt + B * W
             self._dev[:end].copy_(self._host[:end], non_blocking=True)
@@ -172,8 +184,29 @@ class SlotMappingBuilder:
             block_tables=d[self._off_bt: self._off_bt + B * W].view(B, W),
             seq_lens=d[self._off_lens: self._off_lens + B],
             cu_seqlens_q=d[self._off_cu: self._off_cu + B + 1],
-            num_tokens=total, num_seqs=n, max_seq_len=max_len, max_query_len=max_q,
+            num_tokens=total, num_seqs=n, max_seq_len=max(lens_list, default=0), max_query_len=max_q,
         )
+
+    def _write_row(self, i: int, table, ids: tuple) -> None:
+        """Make host row i of block_tables hold `ids` then zeros, writing only what changed.
+
+        Rows persist across steps (converting every block id of every row from Python each step is
+        the builder's main cost). If row i held the same table last time, its first k-1 blocks are
+        still right: a table only appends blocks, and copy-on-write replaces only its last one.
+        """
+        k, last = self._row_len[i], ids[-1] if ids else None
+        if self._row_table[i] is table:
+            if k == len(ids) and self._row_last[i] == last:
+                return  # most decode steps: nothing changed
+            start = max(k - 1, 0)
+        else:
+            start = 0
+        row = self._np_bt[i]
+        if start < len(ids):
+            row[start: len(ids)] = ids[start:]
+        if k > len(ids):
+            row[len(ids): k] = 0
+        self._row_table[i], self._row_len[i], self._row_last[i] = table, len(ids), last
 
 
 def copy_blocks(kv_caches, copies: Sequence[tuple[int, int]]) -> None:

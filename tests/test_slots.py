@@ -134,6 +134,22 @@ def test_errors():
         SlotMappingBuilder(0, 1, 1)
 
 
+def check_batch(s, tables, qlens, pad_seqs, pad_tokens, width):
+    """Compare every field of `s` with values recomputed from the tables' own `slots`."""
+    want_slots, want_pos, cu = [], [], [0]
+    for t, q in zip(tables, qlens):
+        want_slots += t.slots(t.num_tokens - q, t.num_tokens)
+        want_pos += list(range(t.num_tokens - q, t.num_tokens))
+    for q in list(qlens) + [0] * pad_seqs:
+        cu.append(cu[-1] + q)
+    assert s.slot_mapping.tolist() == want_slots + [-1] * pad_tokens
+    assert s.positions.tolist() == want_pos + [0] * pad_tokens
+    assert s.seq_lens.tolist() == [t.num_tokens for t in tables] + [0] * pad_seqs
+    assert s.cu_seqlens_q.tolist() == cu
+    rows = s.block_tables.tolist()
+    assert rows == [list(t.block_ids) + [0] * (width - len(t.block_ids)) for t in tables] + [[0] * width] * pad_seqs
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), block_size=st.sampled_from([1, 3, 8, 16]))
 def test_random_batches_match_block_tables(data, block_size):
@@ -148,21 +164,39 @@ def test_random_batches_match_block_tables(data, block_size):
     extra_seqs, extra_tok = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 5))
     b = SlotMappingBuilder(block_size, max_num_seqs=8, max_blocks_per_seq=40, max_num_tokens=250)
     s = b.build(tables, qlens, pad_seqs_to=n + extra_seqs, pad_tokens_to=sum(qlens) + extra_tok)
-    want_slots, want_pos = [], []
-    for t, q in zip(tables, qlens):
-        want_slots += t.slots(t.num_tokens - q, t.num_tokens)
-        want_pos += list(range(t.num_tokens - q, t.num_tokens))
-    assert s.slot_mapping.tolist() == want_slots + [-1] * extra_tok
-    assert s.positions.tolist() == want_pos + [0] * extra_tok
-    assert s.seq_lens.tolist() == [t.num_tokens for t in tables] + [0] * extra_seqs
-    rows = s.block_tables.tolist()
-    for t, row in zip(tables, rows):
-        assert row == list(t.block_ids) + [0] * (40 - len(t.block_ids))
-    assert rows[n:] == [[0] * 40] * extra_seqs
-    cu = [0]
-    for q in qlens + [0] * extra_seqs:
-        cu.append(cu[-1] + q)
-    assert s.cu_seqlens_q.tolist() == cu
+    check_batch(s, tables, qlens, extra_seqs, extra_tok, 40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), block_size=st.sampled_from([1, 2, 4]))
+def test_builder_reused_across_steps(data, block_size):
+    """One builder over many steps while tables grow, fork (copy-on-write), die, and change rows:
+    the rows it keeps between steps must never leave stale block ids behind."""
+    alloc = BlockAllocator(400, block_size)
+    b = SlotMappingBuilder(block_size, max_num_seqs=6, max_blocks_per_seq=48, max_num_tokens=40)
+    live = []
+    for _ in range(data.draw(st.integers(1, 12), label="steps")):
+        action = data.draw(st.sampled_from(["new", "fork", "free", "none"]))
+        if action == "new" or not live:
+            t = BlockTable(alloc)
+            t.append_tokens(data.draw(st.integers(1, 6)))
+            live.append(t)
+        elif action == "fork":
+            live.append(data.draw(st.sampled_from(live)).fork())
+        elif action == "free" and len(live) > 1:
+            live.pop(data.draw(st.integers(0, len(live) - 1))).free()
+        batch = data.draw(st.permutations(live))[: data.draw(st.integers(1, min(len(live), 5)))]
+        decode = data.draw(st.booleans())
+        qlens = [1 if decode else data.draw(st.integers(1, 3)) for _ in batch]
+        for t, q in zip(batch, qlens):
+            t.append_tokens(q)
+        pad = data.draw(st.integers(0, 6 - len(batch)))
+        if decode:
+            s = b.decode(batch, pad_to=len(batch) + pad)
+            check_batch(s, batch, qlens, pad, pad, 48)
+        else:
+            s = b.build(batch, qlens, pad_seqs_to=len(batch) + pad, pad_tokens_to=sum(qlens) + 1)
+            check_batch(s, batch, qlens, pad, 1, 48)
 
 
 @pytest.mark.gpu
