@@ -63,8 +63,8 @@ class EngineConfig:
     num_blocks : blocks in the pool (default: `max_num_seqs` sequences of `max_seq_len`).
     max_num_seqs : most sequences in one step.
     max_seq_len : longest prompt + generated tokens (default: the model's).
-    max_num_batched_tokens : most prompt tokens in one prefill step (default: `max_seq_len`; at least
-        `max_seq_len` so a preempted sequence can always be recomputed).
+    max_num_batched_tokens : most prompt tokens in one prefill step (default: 4096 or `max_seq_len` if
+        larger; at least `max_seq_len`, so that a preempted sequence can always be recomputed).
     cuda_graph : capture decode steps as CUDA graphs for `graph_batch_sizes` (CUDA only).
     attention_impl : "triton" (miniattn's kernels) or "reference" (pure torch).
     num_splits : force the decode kernel's KV splits (None: its heuristic).
@@ -101,7 +101,7 @@ class EngineConfig:
         max_seq_len = model_max if self.max_seq_len is None else self.max_seq_len
         if not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= model_max:
             raise ValueError(f"max_seq_len must be in 1..{model_max} (the model's), got {max_seq_len!r}")
-        tokens = self.max_num_batched_tokens or max(max_seq_len, self.max_num_seqs)
+        tokens = self.max_num_batched_tokens or max(max_seq_len, self.max_num_seqs, 4096)
         if tokens < max(max_seq_len, self.max_num_seqs):
             raise ValueError(f"max_num_batched_tokens ({tokens}) must be >= max_seq_len ({max_seq_len}) "
                              f"and >= max_num_seqs ({self.max_num_seqs})")
@@ -205,6 +205,7 @@ class Engine:
         if batch is None:
             return []
         timer = StepTimer(self.device) if self.config.profile else None
+        num_tokens = batch.num_tokens
         logits, bucket = self._run(batch, timer)
         tokens = sample_next_tokens(logits, batch.seqs, self.config.seed)
         finished = []
@@ -216,7 +217,7 @@ class Engine:
         if self.on_step is not None:
             self.on_step(StepStats(
                 step=self._num_steps, is_prefill=batch.is_prefill, num_seqs=len(batch.seqs),
-                num_tokens=batch.num_tokens, wall_ms=(time.perf_counter() - t0) * 1e3,
+                num_tokens=num_tokens, wall_ms=(time.perf_counter() - t0) * 1e3,
                 graph_batch_size=bucket, num_preempted=len(batch.preempted), num_finished=len(finished),
                 regions=timer.totals() if timer is not None else None))
         return finished
