@@ -1,0 +1,606 @@
+"""Paged-attention decode: one new query token per sequence attends to its paged KV cache.
+
+Kernels first, then the launcher `paged_decode_attention`.
+
+How it works
+------------
+`_paged_decode_kernel` runs one program per (KV split, kv head [x row chunk], sequence). A program
+loads the query rows of every q head that shares its kv head (GQA/MQA: the whole group at once, padded
+to >= 16 rows so `tl.dot` can use the tensor cores), then walks its share of the sequence BLOCK_N
+tokens at a time. BLOCK_N may span several cache blocks (pages): each token's block id is gathered
+from the block table, so block_size 8 still gives 64-token tiles. Keys and values are addressed only
+through the strides from `layout.cache_strides`, so NHD, HND and paged5d (and views such as the halves
+of a combined NHD cache) are one kernel with different strides and one constexpr (`KEY_X`, the head
+split of the paged5d key). Softmax is online, in base 2 (`exp2`, log2(e) folded into the scale).
+
+FP8 caches are loaded as float8, widened to the query dtype for the dot; `k_scale` is folded into the
+score scale and `v_scale` into the output, so dequantisation costs two multiplies per program.
+
+Split-KV (flash-decoding): with NUM_SPLITS > 1 each sequence is cut into NUM_SPLITS equal, BLOCK_N
+aligned pieces *computed in the kernel from seq_len*; each program writes an unnormalised partial
+(acc, running max, running sum) and `_paged_decode_reduce_kernel` merges them. Programs whose piece
+starts past seq_len exit at once, and the merge recomputes how many pieces exist, so nothing needs
+clearing. Because the split length is derived on the device, the grid depends only on
+(batch, heads, NUM_SPLITS): see "CUDA graphs" in `paged_decode_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..layout import KV_CACHE_DTYPES, as_cache_dtype, cache_geometry, cache_strides, get_layout
+from .launch import Launcher, interpreting, triton_available
+from .reference import paged_decode_attention_ref
+
+__all__ = ["paged_decode_attention", "choose_num_splits", "decode_launch_config"]
+
+_LOG2E = 1.4426950408889634
+_QUERY_DTYPES = (torch.float16, torch.bfloat16)
+_FP8_NAMES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+_MAX_HEAD_SIZE = 256
+_MAX_ROWS = 64  # q rows one program holds; larger GQA groups are cut into row chunks
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _paged_decode_kernel(
+        # ---- pointers -------------------------------------------------------------------------
+        q_ptr,  # [batch, num_q_heads, HEAD_K] query dtype
+        k_cache_ptr,  # key cache, any layout (cache dtype); addressed through the k_* strides
+        v_cache_ptr,  # value cache, any layout (cache dtype); addressed through the v_* strides
+        block_tables_ptr,  # [batch, max_blocks] int32
+        seq_lens_ptr,  # [batch] int32
+        k_scale_ptr,  # [1] or [num_kv_heads] float32 (read only when FP8)
+        v_scale_ptr,  # [1] or [num_kv_heads] float32 (read only when FP8 and NUM_SPLITS == 1)
+        out_ptr,  # [batch, num_q_heads, HEAD_V] query dtype (written when NUM_SPLITS == 1)
+        part_acc_ptr,  # [batch, num_q_heads, NUM_SPLITS, HEAD_V_PAD] float32 (NUM_SPLITS > 1)
+        part_max_ptr,  # [batch, num_q_heads, NUM_SPLITS] float32, running max (log2 units)
+        part_sum_ptr,  # [batch, num_q_heads, NUM_SPLITS] float32, running sum of exp2
+        # ---- ints -----------------------------------------------------------------------------
+        q_stride_b, q_stride_h, q_stride_d,  # query
+        o_stride_b, o_stride_h, o_stride_d,  # out
+        bt_stride_b, bt_stride_p,  # block_tables (row, page)
+        k_stride_block, k_stride_slot, k_stride_head, k_stride_dhi, k_stride_dlo,  # key cache
+        v_stride_block, v_stride_slot, v_stride_head, v_stride_d,  # value cache
+        num_q_heads,
+        qk_scale,  # float: softmax scale * log2(e)
+        # ---- constexprs -----------------------------------------------------------------------
+        BLOCK_SIZE: tl.constexpr,  # tokens per cache block (page)
+        BLOCK_N: tl.constexpr,  # tokens per loop step (may span several pages)
+        HEAD_K: tl.constexpr,
+        HEAD_K_PAD: tl.constexpr,
+        HEAD_V: tl.constexpr,
+        HEAD_V_PAD: tl.constexpr,
+        KEY_X: tl.constexpr,  # paged5d key head split (elements); 0: d is addressed as d * k_stride_dlo
+        K_ALIGN: tl.constexpr,  # every key token offset (block/slot/head strides) is a multiple of this
+        V_ALIGN: tl.constexpr,  # the same for values
+        V_RUN: tl.constexpr,  # >1: value tokens are contiguous in page-aligned runs of V_RUN (paged5d)
+        GROUP: tl.constexpr,  # q heads per kv head
+        ROWS: tl.constexpr,  # q rows per program (>= 16, pow2)
+        ROW_CHUNKS: tl.constexpr,  # programs per kv head along the group
+        NUM_SPLITS: tl.constexpr,
+        FP8: tl.constexpr,
+        K_SCALE_PER_HEAD: tl.constexpr,
+        V_SCALE_PER_HEAD: tl.constexpr,
+        DOT_F32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 as raw bits, so widen first
+    ):
+        split = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        b = tl.program_id(2)
+        kvh = pid_h // ROW_CHUNKS
+        chunk = pid_h % ROW_CHUNKS
+
+        seq_len = tl.load(seq_lens_ptr + b)
+        if NUM_SPLITS == 1:
+            start = 0
+            end = seq_len
+        else:
+            split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+            start = split * split_len
+            end = tl.minimum(start + split_len, seq_len)
+            if start >= end:  # past the end of this sequence (or an empty one): nothing to do
+                return
+
+        rows = chunk * ROWS + tl.arange(0, ROWS)  # index inside the group
+        row_ok = rows < GROUP
+        qh = kvh * GROUP + rows  # q head of each row
+        dk = tl.arange(0, HEAD_K_PAD)
+        dv = tl.arange(0, HEAD_V_PAD)
+        dk_ok = dk < HEAD_K
+        dv_ok = dv < HEAD_V
+
+        q = tl.load(
+            q_ptr + b.to(tl.int64) * q_stride_b + qh[:, None] * q_stride_h + dk[None, :] * q_stride_d,
+            mask=row_ok[:, None] & dk_ok[None, :],
+            other=0.0,
+        )  # [ROWS, HEAD_K_PAD]
+
+        scale = qk_scale
+        if FP8:
+            if K_SCALE_PER_HEAD:
+                scale = scale * tl.load(k_scale_ptr + kvh)
+            else:
+                scale = scale * tl.load(k_scale_ptr)
+
+        # element offsets of one token's head vector inside a block (int64 from here on)
+        if KEY_X > 0:
+            k_dim_off = (dk // KEY_X) * k_stride_dhi + (dk % KEY_X) * k_stride_dlo
+        else:
+            k_dim_off = dk * k_stride_dlo
+        v_dim_off = dv * v_stride_d
+        k_head_ptr = k_cache_ptr + kvh.to(tl.int64) * k_stride_head
+        v_head_ptr = v_cache_ptr + kvh.to(tl.int64) * v_stride_head
+        bt_row_ptr = block_tables_ptr + b.to(tl.int64) * bt_stride_b
+
+        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, HEAD_V_PAD], dtype=tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + offs_n
+            t_ok = t < end
+            if V_RUN > 1:
+                # paged5d value ([.., D, bs]): tokens are contiguous inside a page. Mask whole runs so
+                # that value loads stay vector-wide; slots of a valid run past `end` (same page, so
+                # valid memory) are read and zeroed below.
+                run_ok = (t0 + (offs_n // V_RUN) * V_RUN) < end
+            else:
+                run_ok = t_ok
+            blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=run_ok, other=0).to(tl.int64)
+            slot = t % BLOCK_SIZE
+            k_tok = blk * k_stride_block + slot * k_stride_slot
+            v_tok = blk * v_stride_block + slot * v_stride_slot
+            if K_ALIGN > 1:
+                k_tok = tl.multiple_of(k_tok, K_ALIGN)
+            if V_RUN > 1:
+                v_tok = tl.max_contiguous(tl.multiple_of(v_tok, V_RUN), V_RUN)
+            elif V_ALIGN > 1:
+                v_tok = tl.multiple_of(v_tok, V_ALIGN)
+
+            k = tl.load(k_head_ptr + k_tok[:, None] + k_dim_off[None, :],
+                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_K_PAD]
+            if FP8:
+                k = k.to(q.dtype)
+            if DOT_F32:
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+
+            v = tl.load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :],
+                        mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
+            if FP8:
+                v = v.to(q.dtype)
+            if V_RUN > 1:
+                v = tl.where(t_ok[:, None], v, 0.0)  # p is 0 there, but 0 * (garbage inf/nan) is not
+            if DOT_F32:
+                pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32))
+            else:
+                pv = tl.dot(p.to(q.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        if NUM_SPLITS == 1:
+            inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0: acc is 0 -> zeros, never NaN
+            if FP8:
+                if V_SCALE_PER_HEAD:
+                    inv = inv * tl.load(v_scale_ptr + kvh)
+                else:
+                    inv = inv * tl.load(v_scale_ptr)
+            o = acc * inv[:, None]
+            tl.store(
+                out_ptr + b.to(tl.int64) * o_stride_b + qh[:, None] * o_stride_h + dv[None, :] * o_stride_d,
+                o.to(out_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & dv_ok[None, :],
+            )
+        else:
+            part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + split  # [ROWS]
+            tl.store(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], acc, mask=row_ok[:, None])
+            tl.store(part_max_ptr + part_row, m_i, mask=row_ok)
+            tl.store(part_sum_ptr + part_row, l_i, mask=row_ok)
+
+    @triton.jit
+    def _paged_decode_reduce_kernel(
+        # ---- pointers -------------------------------------------------------------------------
+        part_acc_ptr,  # [batch, num_q_heads, NUM_SPLITS, HEAD_V_PAD] float32
+        part_max_ptr,  # [batch, num_q_heads, NUM_SPLITS] float32
+        part_sum_ptr,  # [batch, num_q_heads, NUM_SPLITS] float32
+        seq_lens_ptr,  # [batch] int32
+        v_scale_ptr,  # [1] or [num_kv_heads] float32 (read only when FP8)
+        out_ptr,  # [batch, num_q_heads, HEAD_V] query dtype
+        # ---- ints -----------------------------------------------------------------------------
+        o_stride_b, o_stride_h, o_stride_d,
+        num_q_heads,
+        # ---- constexprs -----------------------------------------------------------------------
+        BLOCK_N: tl.constexpr,  # must match the main kernel (split lengths are multiples of it)
+        HEAD_V: tl.constexpr,
+        HEAD_V_PAD: tl.constexpr,
+        GROUP: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
+        FP8: tl.constexpr,
+        V_SCALE_PER_HEAD: tl.constexpr,
+    ):
+        qh = tl.program_id(0)
+        b = tl.program_id(1)
+        seq_len = tl.load(seq_lens_ptr + b)
+        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        num_valid = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # pieces the main kernel wrote
+
+        sp = tl.arange(0, SPLITS_PAD)
+        sp_ok = sp < num_valid
+        dv = tl.arange(0, HEAD_V_PAD)
+        part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + sp  # [SPLITS_PAD]
+        m = tl.load(part_max_ptr + part_row, mask=sp_ok, other=float("-inf"))
+        l = tl.load(part_sum_ptr + part_row, mask=sp_ok, other=0.0)
+        m_all = tl.maximum(tl.max(m, 0), -1e30)  # finite even with no valid piece: no inf - inf
+        w = tl.where(sp_ok, tl.exp2(m - m_all), 0.0)
+        denom = tl.sum(w * l, 0)
+        acc = tl.load(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], mask=sp_ok[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], 0)  # [HEAD_V_PAD]
+        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)  # seq_len 0: o is 0 -> zeros
+        if FP8:
+            if V_SCALE_PER_HEAD:
+                inv = inv * tl.load(v_scale_ptr + qh // GROUP)
+            else:
+                inv = inv * tl.load(v_scale_ptr)
+        tl.store(out_ptr + b.to(tl.int64) * o_stride_b + qh * o_stride_h + dv * o_stride_d,
+                 (o * inv).to(out_ptr.dtype.element_ty), mask=dv < HEAD_V)
+
+    _DECODE = Launcher(_paged_decode_kernel)
+    _REDUCE = Launcher(_paged_decode_reduce_kernel)
+
+
+# ------------------------------------------------------------------------------------------------
+# launch heuristics
+# ------------------------------------------------------------------------------------------------
+
+#: programs per SM the split heuristic aims for (a few resident programs keep enough loads in flight)
+TARGET_PROGRAMS_PER_SM = 4
+#: fewest BLOCK_N tiles a split may have (shorter pieces cost more in partials than they save)
+MIN_TILES_PER_SPLIT = 2
+MAX_SPLITS = 64
+_CPU_SM_COUNT = 4  # under the interpreter: few programs, fast tests
+_SM_COUNT: dict = {}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _align(*strides: int) -> int:
+    """Largest power of two <= 16 dividing every stride (0 strides ignored): a divisibility hint."""
+    g = 16
+    for st in strides:
+        if st:
+            g = math.gcd(g, st)
+    return 1 << (g.bit_length() - 1)
+
+
+def _sm_count(device: torch.device) -> int:
+    n = _SM_COUNT.get(device)
+    if n is None:
+        n = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _CPU_SM_COUNT
+        _SM_COUNT[device] = n
+    return n
+
+
+def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: int, block_size: int):
+    """(BLOCK_N, num_warps, num_stages) for one program's loop: ~16 KB of keys per step."""
+    head = max(head_size_k, head_size_v)
+    block_n = 64 if head <= 128 else 32
+    if cache_elem_bytes == 1 and head <= 128:
+        block_n = 128  # FP8: twice the tokens for the same bytes per step
+    return block_n, 4, 2
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int:
+    """Split-KV factor: a power of two that brings batch x kv_heads x splits near
+    TARGET_PROGRAMS_PER_SM x sm_count programs, with at least MIN_TILES_PER_SPLIT tiles of BLOCK_N
+    tokens per split of a `max_len`-token sequence. 1 when the batch alone fills the GPU."""
+    base = max(1, batch * num_kv_heads)
+    want = -(-TARGET_PROGRAMS_PER_SM * sm_count // base)
+    tiles = -(-max(1, max_len) // block_n)
+    cap = max(1, tiles // MIN_TILES_PER_SPLIT)
+    n = min(want, cap, MAX_SPLITS)
+    if n <= 1:
+        return 1
+    return 1 << (n.bit_length() - 1)  # round down to a power of two
+
+
+# ------------------------------------------------------------------------------------------------
+# host side
+# ------------------------------------------------------------------------------------------------
+
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_scale(name, s, num_kv_heads, device):
+    if s is None:
+        raise ValueError(f"{name} is required for an FP8 cache (value = stored x {name})")
+    _check_tensor(name, s)
+    if s.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {s.dtype}")
+    if s.numel() not in (1, num_kv_heads) or (s.numel() == num_kv_heads and s.dim() > 1 and s.shape[-1] != num_kv_heads):
+        raise ValueError(f"{name} must have 1 or num_kv_heads={num_kv_heads} elements, got shape {tuple(s.shape)}")
+    if s.device != device:
+        raise ValueError(f"{name} must be on {device}, got {s.device}")
+    if s.numel() > 1 and not s.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+class _Plan:
+    """Everything about a call that depends only on metadata: computed once per configuration."""
+
+    __slots__ = ("grid", "ints", "consts", "warps", "stages", "splits", "rgrid", "rints", "rconsts",
+                 "part_acc", "part_max", "part_sum", "out_shape", "fp8", "cache_dtype", "dummy", "warned")
+
+
+def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
+                k_scale, v_scale, out, num_splits, max_seq_len) -> _Plan:
+    """Validate every argument (metadata only, no device sync) and precompute the launches."""
+    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
+                    ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        _check_tensor(name, t)
+    lay = get_layout(kv_layout)  # ValueError naming kv_layout
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    if query.dim() != 3:
+        raise ValueError(f"query must be [batch, num_q_heads, head_size], got shape {tuple(query.shape)}")
+    if query.dtype not in _QUERY_DTYPES:
+        raise TypeError(f"query must be float16 or bfloat16, got {query.dtype}")
+    device = query.device
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache), ("block_tables", block_tables),
+                    ("seq_lens", seq_lens)):
+        if t.device != device:
+            raise ValueError(f"{name} must be on the query's device {device}, got {t.device}")
+    fp8 = kv_cache_dtype != "auto"
+    if fp8:
+        want = _FP8_NAMES[kv_cache_dtype]
+        for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+            if t.dtype not in (want, torch.uint8):
+                raise TypeError(f"{name} must be {want} or uint8 for kv_cache_dtype={kv_cache_dtype!r}, got {t.dtype}")
+        cache_dtype = want
+    else:
+        for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+            if t.dtype != query.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} must equal the query dtype {query.dtype} "
+                                f"with kv_cache_dtype='auto'")
+        cache_dtype = query.dtype
+    kc = as_cache_dtype(key_cache, kv_cache_dtype)
+    vc = as_cache_dtype(value_cache, kv_cache_dtype)
+    num_blocks, block_size, num_kv_heads, head_k, head_v = cache_geometry(kv_layout, kc, vc)
+    if lay.splits_key_dim and kc.shape[-1] * kc.element_size() != 16:
+        raise ValueError(f"key_cache's last dim must be x = 16 // element size = {16 // kc.element_size()} "
+                         f"for kv_layout='paged5d', got {kc.shape[-1]}")
+    batch, num_q_heads, head_q = query.shape
+    if head_q != head_k:
+        raise ValueError(f"query head_size {head_q} must equal the key cache's head_size {head_k}")
+    for name, h in (("head_size", head_k), ("value head_size", head_v)):
+        if not 1 <= h <= _MAX_HEAD_SIZE:
+            raise ValueError(f"{name} must be in [1, {_MAX_HEAD_SIZE}], got {h}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"query's num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    if block_tables.dtype != torch.int32:
+        raise TypeError(f"block_tables must be int32, got {block_tables.dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [batch={batch}, max_blocks], got shape {tuple(block_tables.shape)}")
+    if seq_lens.dtype != torch.int32:
+        raise TypeError(f"seq_lens must be int32, got {seq_lens.dtype}")
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens must be [batch={batch}], got shape {tuple(seq_lens.shape)}")
+    if fp8:
+        _check_scale("k_scale", k_scale, num_kv_heads, device)
+        _check_scale("v_scale", v_scale, num_kv_heads, device)
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0):
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if out is not None:
+        _check_tensor("out", out)
+        if tuple(out.shape) != (batch, num_q_heads, head_v):
+            raise ValueError(f"out must be [{batch}, {num_q_heads}, {head_v}], got shape {tuple(out.shape)}")
+        if out.dtype != query.dtype:
+            raise TypeError(f"out must be {query.dtype} like the query, got {out.dtype}")
+        if out.device != device:
+            raise ValueError(f"out must be on {device}, got {out.device}")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
+                                   or not 1 <= num_splits <= 1024):
+        raise ValueError(f"num_splits must be None or an int in [1, 1024], got {num_splits!r}")
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool)
+                                    or max_seq_len < 0):
+        raise ValueError(f"max_seq_len must be None or an int >= 0, got {max_seq_len!r}")
+
+    plan = _Plan()
+    plan.fp8 = fp8
+    plan.cache_dtype = cache_dtype
+    plan.out_shape = (batch, num_q_heads, head_v)
+    plan.warned = False
+    group = num_q_heads // num_kv_heads
+    rows = max(16, min(_next_pow2(group), _MAX_ROWS))
+    row_chunks = -(-group // rows)
+    block_n, warps, stages = decode_launch_config(head_k, head_v, kc.element_size(), block_size)
+
+    capacity = block_tables.shape[1] * block_size
+    bucket = capacity if max_seq_len is None else min(_next_pow2(max(max_seq_len, 1)), max(capacity, 1))
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, _sm_count(device))
+    plan.splits = num_splits
+
+    ks = cache_strides(kv_layout, kc, is_key=True)
+    vs = cache_strides(kv_layout, vc, is_key=False)
+    k_align = _align(ks.block, ks.slot, ks.head, ks.dim_hi)
+    v_align = _align(vs.block, vs.slot, vs.head)
+    v_run = 1
+    if vs.slot == 1 and vs.dim_lo != 1:  # value tokens contiguous inside a page (paged5d)
+        run = block_n if block_size % block_n == 0 else block_size if block_n % block_size == 0 else 1
+        if run > 1 and vs.block % run == 0:  # run starts are then multiples of `run` too
+            v_run = run
+    head_k_pad = max(16, _next_pow2(head_k))
+    head_v_pad = max(16, _next_pow2(head_v))
+    sm_scale = float(head_k ** -0.5 if scale is None else scale)
+    # `out` strides are part of the plan key; a fresh output is contiguous
+    out_strides = tuple(out.stride()) if out is not None else (num_q_heads * head_v, head_v, 1)
+    plan.ints = (
+        *query.stride(), *out_strides,
+        *block_tables.stride(),
+        ks.block, ks.slot, ks.head, ks.dim_hi, ks.dim_lo,
+        vs.block, vs.slot, vs.head, vs.dim_lo,
+        num_q_heads,
+        sm_scale * _LOG2E,
+    )
+    plan.consts = (
+        block_size, block_n, head_k, head_k_pad, head_v, head_v_pad, ks.x, k_align, v_align, v_run, group, rows, row_chunks,
+        num_splits, fp8,
+        bool(fp8 and k_scale.numel() > 1), bool(fp8 and v_scale.numel() > 1),
+        device.type != "cuda" and query.dtype == torch.bfloat16,
+    )
+    plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
+    plan.warps, plan.stages = warps, stages
+    # a 1-element float32 stand-in for unused pointer arguments (scales without FP8, partials without splits)
+    plan.dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    if num_splits > 1:
+        plan.part_acc = torch.empty(batch, num_q_heads, num_splits, head_v_pad, dtype=torch.float32, device=device)
+        plan.part_max = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
+        plan.part_sum = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
+        plan.rgrid = (num_q_heads, batch)
+        plan.rints = (*out_strides, num_q_heads)
+        plan.rconsts = (block_n, head_v, head_v_pad, group, num_splits, max(2, _next_pow2(num_splits)), fp8,
+                        bool(fp8 and v_scale.numel() > 1))
+    else:
+        plan.part_acc = plan.part_max = plan.part_sum = plan.dummy
+    return plan
+
+
+_PLANS: dict = {}
+
+
+def _debug_checks(block_tables, seq_lens, num_blocks, block_size):
+    """MINIATTN_DEBUG=1: seq_lens within the table, block ids in range (syncs the device)."""
+    cap = block_tables.shape[1] * block_size
+    sl = seq_lens.to(torch.int64)
+    if bool((sl < 0).any()) or bool((sl > cap).any()):
+        raise ValueError(f"seq_lens must be in [0, max_blocks * block_size = {cap}], got min {int(sl.min())} "
+                         f"max {int(sl.max())}")
+    pages = (sl + block_size - 1) // block_size  # blocks each row uses
+    used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < pages[:, None]
+    ids = block_tables.to(torch.int64)[used]
+    if ids.numel() and (bool((ids < 0).any()) or bool((ids >= num_blocks).any())):
+        raise ValueError(f"block_tables holds block ids outside [0, num_blocks={num_blocks}) in used entries: "
+                         f"min {int(ids.min())} max {int(ids.max())}")
+
+
+def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, *, kv_layout="NHD", scale=None,
+                           kv_cache_dtype="auto", k_scale=None, v_scale=None, out=None, num_splits=None,
+                           max_seq_len=None):
+    """Decode attention of one query token per sequence over a paged KV cache.
+
+    Parameters
+    ----------
+    query : [batch, num_q_heads, head_size] float16 / bfloat16.
+    key_cache, value_cache : one layer's caches in `kv_layout` ("NHD", "HND" or "paged5d", see
+        `miniattn.layout`), in the query dtype or, with an FP8 `kv_cache_dtype`, float8 / uint8.
+        Views are fine (e.g. the halves of `layout.split_combined_cache`: key and value head sizes
+        may differ).
+    block_tables : [batch, max_blocks] int32, block ids of each sequence in order.
+    seq_lens : [batch] int32, tokens in the cache per sequence (0: a padding row, output zeros).
+    scale : softmax scale, default head_size ** -0.5.
+    kv_cache_dtype : "auto", "fp8" / "fp8_e4m3" or "fp8_e5m2".
+    k_scale, v_scale : float32 tensors of 1 or num_kv_heads elements (FP8 only; value = stored x scale).
+    out : optional [batch, num_q_heads, head_size_v] output (query dtype).
+    num_splits : force the split-KV factor (1 = no split); default from `choose_num_splits`.
+    max_seq_len : optional host-side upper bound of seq_lens, used only to pick the split factor.
+
+    Returns
+    -------
+    [batch, num_q_heads, head_size_v] tensor in the query dtype (`out` when given).
+
+    CUDA graphs
+    -----------
+    The launch grid depends only on metadata: batch, heads, and the split factor, which is chosen
+    from a *length bucket*: ``next_pow2(max_seq_len)`` capped at the table capacity when `max_seq_len`
+    is given, else the block table's capacity ``max_blocks * block_size``. The split lengths are
+    computed on the device from seq_lens, so a captured call replays correctly with any new seq_lens
+    (and block_tables contents) within the capacity; the bucket only affects speed. Capture after
+    one eager call with the same shapes (compilation and the split-KV scratch buffers happen there);
+    the scratch is shared by all calls of one configuration, so calls of one configuration must
+    not run concurrently on different streams.
+
+    Example
+    -------
+    >>> import torch, miniattn
+    >>> k, v = miniattn.allocate_kv_caches("NHD", 1, 64, 16, 2, 64, torch.float16)[0]
+    >>> k.normal_(); v.normal_()  # doctest: +SKIP
+    >>> q = torch.randn(3, 8, 64, dtype=torch.float16)
+    >>> bt = torch.randperm(64, dtype=torch.int32)[:12].reshape(3, 4)
+    >>> o = miniattn.paged_decode_attention(q, k, v, bt, torch.tensor([5, 64, 0], dtype=torch.int32))
+    >>> o.shape
+    torch.Size([3, 8, 64])
+    """
+    try:
+        key = (query.shape, query.stride(), query.dtype, query.device,
+               key_cache.shape, key_cache.stride(), key_cache.dtype, key_cache.device,
+               value_cache.shape, value_cache.stride(), value_cache.dtype, value_cache.device,
+               block_tables.shape, block_tables.stride(), block_tables.dtype, block_tables.device,
+               seq_lens.shape, seq_lens.dtype, seq_lens.device,
+               kv_layout, scale, kv_cache_dtype, num_splits, max_seq_len,
+               None if out is None else (out.shape, out.stride(), out.dtype, out.device),
+               None if k_scale is None else (k_scale.shape, k_scale.dtype, k_scale.device),
+               None if v_scale is None else (v_scale.shape, v_scale.dtype, v_scale.device))
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not a tensor somewhere (or unhashable): let validation say which
+        key, plan = None, None
+    if plan is None:
+        plan = _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale,
+                           kv_cache_dtype, k_scale, v_scale, out, num_splits, max_seq_len)
+        if key is not None:
+            _PLANS[key] = plan
+
+    if os.environ.get("MINIATTN_DEBUG", "0") not in ("", "0"):
+        num_blocks, block_size = cache_geometry(kv_layout, key_cache, value_cache)[:2]
+        _debug_checks(block_tables, seq_lens, num_blocks, block_size)
+
+    if not query.is_cuda and not (triton_available() and interpreting()):
+        return _fallback(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale,
+                         kv_cache_dtype, k_scale, v_scale, out)
+
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=query.dtype, device=query.device)
+    kc, vc = key_cache, value_cache
+    if plan.fp8:
+        if kc.dtype == torch.uint8:
+            kc = kc.view(plan.cache_dtype)
+        if vc.dtype == torch.uint8:
+            vc = vc.view(plan.cache_dtype)
+        ks, vs = k_scale, v_scale
+    else:
+        ks = vs = plan.dummy
+    _DECODE(plan.grid, (query, kc, vc, block_tables, seq_lens, ks, vs, out, plan.part_acc, plan.part_max,
+                        plan.part_sum), plan.ints, plan.consts, plan.warps, plan.stages)
+    if plan.splits > 1:
+        _REDUCE(plan.rgrid, (plan.part_acc, plan.part_max, plan.part_sum, seq_lens, vs, out),
+                plan.rints, plan.rconsts, 4, 1)
+    return out
+
+
+def _fallback(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
+              k_scale, v_scale, out):
+    """Triton missing (or CPU tensors outside the interpreter): the float64 reference, cast."""
+    res = paged_decode_attention_ref(query, key_cache, value_cache, block_tables, seq_lens, kv_layout=kv_layout,
+                                     scale=scale, kv_cache_dtype=kv_cache_dtype, k_scale=k_scale,
+                                     v_scale=v_scale).to(query.dtype)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out

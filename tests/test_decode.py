@@ -1,0 +1,376 @@
+"""paged_decode_attention against the float64 reference, on fresh random inputs (seeded per case).
+
+On a CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py), so shapes stay tiny and the
+layout x GQA x head size x block size cross product is sampled (every value of each axis appears).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from miniattn.layout import allocate_kv_caches, from_nhd, split_combined_cache
+from miniattn.ops import decode as decode_mod
+from miniattn.ops.decode import choose_num_splits, paged_decode_attention
+from miniattn.ops.reference import fp8_quantize, paged_decode_attention_ref, reshape_and_cache_ref
+
+try:  # the write kernel (issue 2); until it lands the round trip writes with the reference
+    from miniattn.ops.cache_write import reshape_and_cache, reshape_and_cache_flash
+
+    HAVE_WRITE_KERNEL = True
+except ImportError:  # pragma: no cover - depends on the checkout
+    HAVE_WRITE_KERNEL = False
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUTS = ("NHD", "HND", "paged5d")
+HEAD_SIZES = (64, 80, 96, 112, 120, 128, 192, 256)
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+GQA = ((2, 2), (4, 1), (8, 1), (6, 1))  # (num_q_heads, num_kv_heads): ratio 1, 4, 8, all-to-one (6:1)
+FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def _seed(*case):
+    torch.manual_seed(zlib.crc32(repr(case).encode()))
+
+
+def rel_err(out, ref):
+    out = out.double()
+    assert not torch.isnan(out).any(), "NaN in the output"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_case(layout, num_q_heads, num_kv_heads, head_size, block_size, lens, dtype=torch.bfloat16,
+              kv_cache_dtype="auto", per_head_scale=False, head_size_v=None, extra_blocks=3):
+    """Random caches in `layout` (values stored in every slot), a random non-contiguous block table
+    and a query. Returns the kwargs of paged_decode_attention."""
+    head_size_v = head_size_v or head_size
+    batch = len(lens)
+    max_blocks = max(1, max(-(-n // block_size) for n in lens))
+    num_blocks = batch * max_blocks + extra_blocks
+    k = torch.randn(num_blocks, block_size, num_kv_heads, head_size, dtype=dtype, device=DEVICE)
+    v = torch.randn(num_blocks, block_size, num_kv_heads, head_size_v, dtype=dtype, device=DEVICE)
+    kw = {}
+    if kv_cache_dtype != "auto":
+        n = num_kv_heads if per_head_scale else 1
+        ks = (torch.rand(n, device=DEVICE) * 0.5 + 0.02).float()
+        vs = (torch.rand(n, device=DEVICE) * 0.5 + 0.02).float()
+        fdt = FP8[kv_cache_dtype]
+        k = fp8_quantize(k.flatten(0, 1), ks, fdt).view(k.shape)
+        v = fp8_quantize(v.flatten(0, 1), vs, fdt).view(v.shape)
+        kw.update(kv_cache_dtype=kv_cache_dtype, k_scale=ks, v_scale=vs)
+    if head_size_v != head_size:  # NHD combined cache, as `split_combined_cache` views it
+        assert layout == "NHD"
+        comb = torch.cat([k, v], dim=-1)
+        kc, vc = split_combined_cache(comb, head_size)
+    else:
+        kc, vc = from_nhd(layout, k, v)
+    perm = torch.randperm(num_blocks, device=DEVICE)[: batch * max_blocks]
+    block_tables = perm.reshape(batch, max_blocks).to(torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(batch, num_q_heads, head_size, dtype=dtype, device=DEVICE)
+    return dict(query=query, key_cache=kc, value_cache=vc, block_tables=block_tables, seq_lens=seq_lens,
+                kv_layout=layout, **kw)
+
+
+def check(case, tol, **kw):
+    out = paged_decode_attention(**case, **kw)
+    ref = paged_decode_attention_ref(**case)
+    assert out.dtype == case["query"].dtype
+    assert out.shape == ref.shape
+    err = rel_err(out, ref)
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+    zero = case["seq_lens"] == 0
+    if zero.any():
+        assert (out[zero] == 0).all(), "seq_len 0 rows must be exactly zero"
+    return out
+
+
+def _lens(bs):
+    return (1, bs, bs + 1, 0, 2 * bs + 7)
+
+
+# a covering sample of layouts x GQA x head sizes x block sizes x dtypes: every head size twice,
+# every (layout, ratio) pair and every block size several times
+_PAIRS = list(itertools.product(LAYOUTS, GQA))  # all 12 (layout, ratio) pairs, then 4 more
+_PAIRS += random.Random(3).sample(_PAIRS, 4)
+_CROSS = []
+for i, (hs, (lay, (qh, kvh))) in enumerate(zip(HEAD_SIZES * 2, _PAIRS)):
+    bs = BLOCK_SIZES[i % 5]
+    dt = (torch.bfloat16, torch.float16)[(i // 2) % 2]
+    _CROSS.append((lay, qh, kvh, hs, bs, dt))
+assert {c[0] for c in _CROSS} == set(LAYOUTS) and {c[4] for c in _CROSS} == set(BLOCK_SIZES)
+assert {(c[0], c[1]) for c in _CROSS} == set(itertools.product(LAYOUTS, [g[0] for g in GQA]))
+
+
+@pytest.mark.parametrize("layout,qh,kvh,head_size,block_size,dtype", _CROSS,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_matches_reference(layout, qh, kvh, head_size, block_size, dtype):
+    _seed(layout, qh, kvh, head_size, block_size, dtype)
+    case = make_case(layout, qh, kvh, head_size, block_size, _lens(block_size), dtype=dtype)
+    check(case, 1e-2)
+
+
+@pytest.mark.parametrize("layout,kv_cache_dtype,per_head,head_size,as_uint8", [
+    ("NHD", "fp8", False, 128, False),
+    ("HND", "fp8_e4m3", True, 64, True),
+    ("paged5d", "fp8_e5m2", False, 96, False),
+    ("paged5d", "fp8", True, 64, True),
+    ("NHD", "fp8_e5m2", True, 80, False),
+    ("HND", "fp8_e5m2", False, 120, True),
+])
+def test_fp8(layout, kv_cache_dtype, per_head, head_size, as_uint8):
+    _seed(layout, kv_cache_dtype, per_head, head_size, as_uint8)
+    case = make_case(layout, 8, 2, head_size, 16, (1, 16, 17, 0, 40), kv_cache_dtype=kv_cache_dtype,
+                     per_head_scale=per_head)
+    if as_uint8:
+        case["key_cache"] = case["key_cache"].view(torch.uint8)
+        case["value_cache"] = case["value_cache"].view(torch.uint8)
+    check(case, 2e-2)
+    check(case, 2e-2, num_splits=3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_splits_agree(layout):
+    """1 split == many splits (and == the reference), lengths long enough for several splits."""
+    _seed("splits", layout)
+    bs = 16
+    case = make_case(layout, 8, 2, 64, bs, (300, 1, 0, 17, 129, 64))
+    one = check(case, 1e-2, num_splits=1)
+    for n in (2, 5, 8):
+        many = check(case, 1e-2, num_splits=n)
+        assert rel_err(many, one.double()) <= 1e-2
+    # more splits than the sequence has tiles: the extra programs exit, the merge ignores them
+    check(case, 1e-2, num_splits=32)
+
+
+def test_split_heuristic():
+    assert choose_num_splits(128, 8, 4096, 64, 132) == 1  # the batch alone fills the GPU
+    assert choose_num_splits(1, 8, 16384, 64, 132) > 8  # small batch, long context: split
+    assert choose_num_splits(1, 8, 64, 64, 132) == 1  # one tile: nothing to split
+    for b, ctx in itertools.product((1, 3, 16, 64, 256), (1, 512, 4096, 32768)):
+        n = choose_num_splits(b, 8, ctx, 64, 132)
+        assert n >= 1 and n & (n - 1) == 0
+
+
+def test_auto_splits_used(monkeypatch):
+    """The default path picks several splits for a long sequence and stays correct."""
+    _seed("auto")
+    monkeypatch.setattr(decode_mod, "_PLANS", {})
+    case = make_case("NHD", 4, 1, 64, 16, (700, 3))
+    check(case, 1e-2)
+    (plan,) = decode_mod._PLANS.values()
+    assert plan.splits > 1
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_padding_rows_and_out(num_splits):
+    """seq_len 0 rows give exact zeros; every output element is written (out poisoned with NaN)."""
+    _seed("pad", num_splits)
+    case = make_case("HND", 8, 2, 64, 16, (0, 33, 0, 0, 5))
+    out = torch.full((5, 8, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    res = check(case, 1e-2, num_splits=num_splits, out=out)
+    assert res is out
+    assert not out.isnan().any()
+    assert (out[[0, 2, 3]] == 0).all()
+
+
+def test_all_padding():
+    _seed("allpad")
+    case = make_case("NHD", 4, 2, 64, 16, (0, 0, 0))
+    for n in (1, 4):
+        out = paged_decode_attention(**case, num_splits=n)
+        assert (out == 0).all()
+
+
+def test_diff_kv_head_sizes():
+    """192-dim keys with 128-dim values in one combined NHD cache."""
+    _seed("diffkv")
+    case = make_case("NHD", 8, 2, 192, 16, (1, 16, 17, 50), head_size_v=128)
+    out = check(case, 1e-2)
+    assert out.shape == (4, 8, 128)
+    check(case, 1e-2, num_splits=4)
+
+
+def test_large_group_row_chunks():
+    """MQA with more q heads than one program holds (row chunks)."""
+    _seed("mqa")
+    case = make_case("NHD", 72, 1, 64, 16, (20, 1))
+    check(case, 1e-2)
+
+
+def test_strided_query_and_scale():
+    _seed("strided")
+    case = make_case("paged5d", 8, 2, 64, 8, (9, 30))
+    big = torch.randn(2, 8, 3 * 64, dtype=torch.bfloat16, device=DEVICE)
+    case["query"] = big[:, :, 64:128]  # a slice of a fused qkv output
+    out = paged_decode_attention(**case, scale=0.3)
+    ref = paged_decode_attention_ref(**case, scale=0.3)
+    assert rel_err(out, ref) <= 1e-2
+
+
+def test_plan_reused_with_new_lengths():
+    """A second call with the same shapes but new seq_lens / block tables uses the cached plan."""
+    _seed("replan")
+    case = make_case("NHD", 4, 1, 64, 16, (40, 40))
+    check(case, 1e-2)
+    n = len(decode_mod._PLANS)
+    case["seq_lens"] = torch.tensor([3, 47], dtype=torch.int32, device=DEVICE)
+    case["block_tables"] = case["block_tables"].flip(1).contiguous()
+    check(case, 1e-2)
+    assert len(decode_mod._PLANS) == n
+
+
+def test_fallback_without_triton(monkeypatch):
+    """Without Triton (or CPU tensors outside the interpreter) the reference runs, cast to the query dtype."""
+    _seed("fallback")
+    case = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in
+            make_case("HND", 4, 2, 64, 16, (5, 0, 20)).items()}
+    monkeypatch.setattr(decode_mod, "interpreting", lambda: False)
+    out = paged_decode_attention(**case)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, paged_decode_attention_ref(**case)) <= 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    base = make_case("NHD", 4, 2, 64, 16, (5, 20))
+    fp8 = make_case("NHD", 4, 2, 64, 16, (5, 20), kv_cache_dtype="fp8")
+
+    def mod(case=base, **kw):
+        c = dict(case)
+        c.update(kw)
+        return c
+
+    q, bt, sl = base["query"], base["block_tables"], base["seq_lens"]
+    return [
+        (TypeError, "query", mod(query=q.float())),
+        (ValueError, "query", mod(query=q[0])),
+        (TypeError, "query", mod(query=q.tolist())),
+        (ValueError, "kv_layout", mod(kv_layout="NDH")),
+        (ValueError, "kv_cache_dtype", mod(kv_cache_dtype="int8")),
+        (TypeError, "key_cache", mod(key_cache=base["key_cache"].half())),
+        (ValueError, "key_cache", mod(key_cache=base["key_cache"][..., None])),
+        (ValueError, "head_size", mod(query=q[..., :32])),
+        (ValueError, "num_q_heads", mod(query=q[:, :3])),
+        (TypeError, "block_tables", mod(block_tables=bt.long())),
+        (ValueError, "block_tables", mod(block_tables=bt[:1])),
+        (TypeError, "seq_lens", mod(seq_lens=sl.long())),
+        (ValueError, "seq_lens", mod(seq_lens=sl[:1])),
+        (ValueError, "scale", mod(scale=-1.0)),
+        (ValueError, "num_splits", mod(num_splits=0)),
+        (ValueError, "max_seq_len", mod(max_seq_len=-3)),
+        (ValueError, "out", mod(out=torch.empty(2, 4, 32, dtype=q.dtype, device=DEVICE))),
+        (TypeError, "out", mod(out=torch.empty(2, 4, 64, dtype=torch.float16, device=DEVICE))),
+        (ValueError, "k_scale", mod(fp8, k_scale=None)),
+        (TypeError, "v_scale", mod(fp8, v_scale=fp8["v_scale"].double())),
+        (ValueError, "k_scale", mod(fp8, k_scale=torch.ones(3, device=DEVICE))),
+        (TypeError, "key_cache", mod(fp8, key_cache=base["key_cache"])),
+    ]
+
+
+def test_validation():
+    _seed("validation")
+    for exc, name, case in _bad_cases():
+        with pytest.raises(exc, match=name):
+            paged_decode_attention(**case)
+
+
+def test_debug_checks(monkeypatch):
+    _seed("debug")
+    case = make_case("NHD", 4, 2, 64, 16, (5, 20))
+    monkeypatch.setenv("MINIATTN_DEBUG", "1")
+    paged_decode_attention(**case)  # valid: passes
+    bad = dict(case, block_tables=case["block_tables"].clone())
+    bad["block_tables"][1, 1] = 10_000
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(**bad)
+    bad = dict(case, seq_lens=torch.tensor([5, 33], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="seq_lens"):
+        paged_decode_attention(**bad)
+    monkeypatch.setenv("MINIATTN_DEBUG", "0")
+    bad["block_tables"] = case["block_tables"]
+    paged_decode_attention(**dict(case))  # checks off again: no error
+
+
+# ------------------------------------------------------------------------------------------------
+# write-then-read round trip
+# ------------------------------------------------------------------------------------------------
+
+def _write(layout, key, value, key_cache, value_cache, slot_mapping):
+    if not HAVE_WRITE_KERNEL:
+        reshape_and_cache_ref(key, value, key_cache, value_cache, slot_mapping, kv_layout=layout)
+    elif layout == "paged5d":
+        reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_write_then_read_round_trip(layout):
+    """Tokens written by the write kernel, attended by the decode kernel == SDPA on the dense K/V."""
+    _seed("roundtrip", layout)
+    qh, kvh, d, bs, dtype = 8, 2, 64, 16, torch.bfloat16
+    lens = [37, 1, 16, 50]
+    batch, max_blocks = len(lens), 4
+    num_blocks = batch * max_blocks + 2
+    ((kc, vc),) = allocate_kv_caches(layout, 1, num_blocks, bs, kvh, d, dtype, device=DEVICE)
+    kc.fill_(float("nan"))  # never read a slot that was not written
+    vc.fill_(float("nan"))
+    block_tables = torch.randperm(num_blocks, device=DEVICE)[: batch * max_blocks].reshape(batch, max_blocks)
+    block_tables = block_tables.to(torch.int32)
+    keys = [torch.randn(n, kvh, d, dtype=dtype, device=DEVICE) for n in lens]
+    vals = [torch.randn(n, kvh, d, dtype=dtype, device=DEVICE) for n in lens]
+    slots = torch.cat([block_tables[b, torch.arange(n, device=DEVICE) // bs].long() * bs
+                       + torch.arange(n, device=DEVICE) % bs for b, n in enumerate(lens)])
+    slots = torch.cat([slots, torch.full((3,), -1, dtype=torch.long, device=DEVICE)])  # padding tokens
+    k_all = torch.cat(keys + [torch.randn(3, kvh, d, dtype=dtype, device=DEVICE)])
+    v_all = torch.cat(vals + [torch.randn(3, kvh, d, dtype=dtype, device=DEVICE)])
+    _write(layout, k_all, v_all, kc, vc, slots)
+
+    query = torch.randn(batch, qh, d, dtype=dtype, device=DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(query, kc, vc, block_tables, seq_lens, kv_layout=layout)
+    for b, n in enumerate(lens):
+        q = query[b].float()[:, None, :]  # [qh, 1, d]
+        k = keys[b].float().transpose(0, 1).repeat_interleave(qh // kvh, 0)  # [qh, n, d]
+        v = vals[b].float().transpose(0, 1).repeat_interleave(qh // kvh, 0)
+        ref = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        err = ((out[b].float() - ref).norm() / ref.norm()).item()
+        assert err <= 1e-2, f"row {b}: relative error {err:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA graphs (GPU only)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_with_new_lengths():
+    _seed("graph")
+    case = make_case("NHD", 32, 8, 128, 16, (1000, 200, 0, 64), extra_blocks=40)
+    out = torch.empty(4, 32, 128, dtype=torch.bfloat16, device=DEVICE)
+    run = lambda: paged_decode_attention(**case, out=out)  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    for lens in ((1000, 200, 0, 64), (3, 999, 17, 0), (0, 0, 0, 0), (512, 1, 1000, 777)):
+        case["seq_lens"].copy_(torch.tensor(lens, dtype=torch.int32))
+        case["block_tables"].copy_(case["block_tables"][torch.randperm(4, device=DEVICE)])
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = paged_decode_attention_ref(**case)
+        assert rel_err(out, ref) <= 1e-2
