@@ -58,7 +58,7 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="cache pool size (default: fits the whole batch)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="model dtype (default: float32 CPU, bfloat16 GPU)")
+                   help="model dtype (default: float16 CPU, bfloat16 GPU; the decode kernel takes fp16/bf16)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay decode steps from CUDA graphs (default: on with CUDA)")
     p.add_argument("--attention-impl", default="triton", choices=["triton", "reference"])
@@ -86,7 +86,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     batch = args.batch or (64 if cuda else 8)
     prompt_len = args.prompt_len or (512 if cuda else 16)
     gen_len = args.gen_len or (256 if cuda else 16)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float16)
     use_graph = cuda if args.cuda_graph is None else args.cuda_graph
     device = "cuda" if cuda else "cpu"
     for name, v in (("--batch", batch), ("--prompt-len", prompt_len), ("--gen-len", gen_len)):
