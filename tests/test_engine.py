@@ -12,8 +12,7 @@ from miniattn.engine import Engine, EngineConfig, Request, SamplingParams
 from miniattn.model import ToyLlama, get_preset
 from miniattn.step_timer import StepTimer
 
-from conftest import DEVICE
-
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: conftest sets TRITON_INTERPRET=1
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 LAYOUTS = ["NHD", "HND", "paged5d"]
 HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
@@ -88,8 +87,8 @@ def test_greedy_tokens_equal_dense_fp32(layout, model32):
 def test_greedy_tokens_equal_dense_half(layout):
     """fp16 (CPU) / bf16 (GPU) engine vs the same weights run densely in fp32 without a cache.
 
-    Tokens must be the dense argmax, except at a near-tie (top-2 gap < 0.05) where either is fine;
-    on the CPU they are in fact identical.
+    Tokens must be the dense argmax, except at a near-tie (top-2 gap < 0.05 in fp16, 0.15 in bf16)
+    where either is fine; on the CPU they are in fact identical.
     """
     model = _model(HALF)
     m32 = _same_weights_fp32(model)
@@ -98,7 +97,7 @@ def test_greedy_tokens_equal_dense_half(layout):
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=6))
     for p, o in zip(prompts, outs):
         assert len(o.output_token_ids) == 6
-        _check_against_dense(m32, p, o.output_token_ids, tol=0.05)
+        _check_against_dense(m32, p, o.output_token_ids, tol=0.05 if HALF == torch.float16 else 0.15)
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
