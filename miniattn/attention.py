@@ -48,6 +48,7 @@ class AttentionMetadata:
     max_query_len: int = 0
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (decode)
     seq_lens: torch.Tensor | None = None  # [B] int32 (decode)
+    max_seq_len: int | None = None  # decode, eager: host bound of seq_lens (picks KV splits); None in graphs
     timer: StepTimer | None = None
 
 
@@ -57,7 +58,7 @@ class AttentionOps:
 
     write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, kv_layout)
     decode(query, key_cache, value_cache, block_tables, seq_lens, kv_layout=, scale=,
-           kv_cache_dtype=, k_scale=, v_scale=, num_splits=) -> [batch, num_q_heads, head_size]
+           kv_cache_dtype=, k_scale=, v_scale=, num_splits=, max_seq_len=) -> [batch, num_q_heads, head_size]
     """
 
     name: str
@@ -76,10 +77,10 @@ def _triton_ops() -> AttentionOps:
             reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
                                     k_scale, v_scale, kv_layout=kv_layout)
 
-    def decode(query, key_cache, value_cache, block_tables, seq_lens, *, num_splits=None, **kw):
-        if num_splits is not None:
-            kw["num_splits"] = num_splits
-        return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, **kw)
+    def decode(query, key_cache, value_cache, block_tables, seq_lens, *, num_splits=None, max_seq_len=None, **kw):
+        # with neither given, the kernel's grid depends only on shapes (block-table capacity): graph-safe
+        return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                      num_splits=num_splits, max_seq_len=max_seq_len, **kw)
 
     return AttentionOps("triton", write, decode)
 
@@ -91,7 +92,7 @@ def _reference_ops() -> AttentionOps:
         reshape_and_cache_ref(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
                               k_scale, v_scale, kv_layout=kv_layout)
 
-    def decode(query, key_cache, value_cache, block_tables, seq_lens, *, num_splits=None, **kw):
+    def decode(query, key_cache, value_cache, block_tables, seq_lens, *, num_splits=None, max_seq_len=None, **kw):
         return paged_decode_attention_ref(query, key_cache, value_cache, block_tables, seq_lens,
                                           **kw).to(query.dtype)
 
@@ -211,7 +212,8 @@ class PagedAttention:
             return self.ops.decode(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                    kv_layout=self.kv_layout, scale=self.scale,
                                    kv_cache_dtype=self.kv_cache_dtype, k_scale=self.k_scale,
-                                   v_scale=self.v_scale, num_splits=self.num_splits)
+                                   v_scale=self.v_scale, num_splits=self.num_splits,
+                                   max_seq_len=meta.max_seq_len)
 
 
 class DenseCausalAttention:

@@ -113,10 +113,17 @@ class ModelRunner:
             with region(timer, "head"):
                 return self.model.compute_logits(last)
 
-    def forward_decode(self, input_ids: torch.Tensor, b: BatchSlots, timer: StepTimer | None = None) -> torch.Tensor:
-        """One decode forward over prepared inputs: logits [rows, vocab] (padding rows included)."""
+    def forward_decode(self, input_ids: torch.Tensor, b: BatchSlots, timer: StepTimer | None = None,
+                       max_seq_len: int | None = None) -> torch.Tensor:
+        """One decode forward over prepared inputs: logits [rows, vocab] (padding rows included).
+
+        `max_seq_len` (a host bound of the lengths) would let the decode kernel pick its KV splits
+        for this step. The engine leaves it None, in eager steps too: splits then follow the
+        block-table capacity (`EngineConfig.max_seq_len`), the grid is fixed, and an eager step runs
+        exactly the kernels its graph replays, so per-component eager timings explain graph steps.
+        """
         meta = AttentionMetadata(is_prefill=False, slot_mapping=b.slot_mapping, block_tables=b.block_tables,
-                                 seq_lens=b.seq_lens, timer=timer)
+                                 seq_lens=b.seq_lens, max_seq_len=max_seq_len, timer=timer)
         hidden = self.model(input_ids, b.positions, self.attn, meta)
         with region(timer, "head"):
             return self.model.compute_logits(hidden)
