@@ -157,7 +157,10 @@ def _reshape_and_cache_kernel(
     store_heads = tl.where(slot >= 0, num_kv_heads, 0)
     k_store = (heads < store_heads)[:, None] & (dk < HEAD_SIZE_K)[None, :]
     v_store = (heads < store_heads)[:, None] & (dv < HEAD_SIZE_V)[None, :]
-    kc = key_cache_ptr + blk * kc_stride_block + off * kc_stride_slot
+    if KEY_X == 0:
+        kc = key_cache_ptr + blk * kc_stride_block + off * kc_stride_slot
+    else:  # the launcher checked kc_stride_slot % KEY_X == 0: say so, so the 16-byte chunks vectorise
+        kc = key_cache_ptr + blk * kc_stride_block + (off * (kc_stride_slot // KEY_X)) * KEY_X
     vc = value_cache_ptr + blk * vc_stride_block + off * vc_stride_slot
     if KEY_X == 0:
         k_inner = heads[:, None] * kc_stride_head + dk[None, :] * kc_stride_dim_lo
@@ -293,6 +296,8 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     key_x = ks.x if lay.splits_key_dim else 0
     if key_x and key_x != 16 // key_cache.element_size():
         _fail(ValueError, f"key_cache's last dim must be x = 16 // element size = {16 // key_cache.element_size()}, got {key_x}")
+    if key_x and (ks.slot % key_x or ks.dim_lo != 1):
+        _fail(ValueError, f"key_cache must hold contiguous x-element chunks (strides {key_cache.stride()})")
     if fp8:
         _check_scale("k_scale", k_scale, num_kv_heads, device)
         _check_scale("v_scale", v_scale, num_kv_heads, device)
