@@ -103,7 +103,8 @@ class Scheduler:
             self.waiting.popleft()
             batch.append(seq)
             tokens += n
-        self.running.extend(batch)
+        if batch:  # a re-admitted preempted sequence is older than some running ones: keep arrival order
+            self.running = sorted(self.running + batch, key=lambda s: s.seq_id)
         return batch
 
     def _decode(self) -> ScheduledBatch:

@@ -158,7 +158,14 @@ def test_many_requests_through_a_small_pool(impl):
         reqs.append(Request(prompt, sp, request_id=f"r{i}"))
     cfg = EngineConfig(block_size=4, num_blocks=8, max_num_seqs=5, max_seq_len=32, attention_impl=impl)
     engine = Engine(model, cfg)
-    outs = engine.generate(reqs)
+    seqs = [engine.add_request(r) for r in reqs]
+    while engine.has_unfinished():
+        engine.step()
+        ids = [s.seq_id for s in engine.scheduler.running]
+        assert ids == sorted(ids), "running set must stay in arrival order (the newest is preempted)"
+        assert sum(len(s.block_table.block_ids) for s in engine.scheduler.running) + \
+            engine.allocator.num_free == cfg.num_blocks, "a block was lost or shared"
+    outs = [s.output() for s in seqs]
     assert engine.scheduler.num_preemptions > 0, "the pool should have been too small for everyone"
     assert engine.allocator.num_free == cfg.num_blocks
     assert not engine.has_unfinished()
