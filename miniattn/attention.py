@@ -16,6 +16,7 @@ torch references (``impl="reference"``) or for a peer is one line.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -28,7 +29,7 @@ from .layout import get_layout
 from .step_timer import StepTimer, region
 
 __all__ = ["AttentionMetadata", "AttentionOps", "load_ops", "PagedAttention", "DenseCausalAttention",
-           "prefill_attention"]
+           "prefill_attention", "PREFILL_IMPLS"]
 
 
 @dataclass
@@ -109,6 +110,7 @@ def load_ops(impl: str) -> AttentionOps:
     return _OPS[impl]()
 
 
+@functools.lru_cache(maxsize=None)
 def _flash_varlen():
     """flash-attn's varlen function (FA2, or FA4's CuTe version), or None when not importable."""
     try:
@@ -138,11 +140,27 @@ def _sdpa_causal(q, k, v, query_lens, scale):
     return out
 
 
-class _Prefill:
-    """Causal varlen attention over the new tokens: flash-attn when it works here, else SDPA."""
+PREFILL_IMPLS = ("auto", "flash", "sdpa")
 
-    def __init__(self):
-        self._flash = _flash_varlen()
+
+class _Prefill:
+    """Causal varlen attention over the new tokens: flash-attn when asked for / available, else SDPA.
+
+    impl "auto": flash-attn's varlen kernel when importable (and the tensors are fp16/bf16 on CUDA),
+    torch SDPA otherwise; "flash": the same but an error when flash-attn is missing; "sdpa": SDPA.
+    """
+
+    def __init__(self, impl: str = "auto"):
+        if impl not in PREFILL_IMPLS:
+            raise ValueError(f"prefill impl must be one of {PREFILL_IMPLS}, got {impl!r}")
+        self._flash = None if impl == "sdpa" else _flash_varlen()
+        if impl == "flash" and self._flash is None:
+            raise ValueError("prefill impl 'flash' asked for, but flash_attn is not importable")
+
+    @property
+    def name(self) -> str:
+        """"flash-attn (fa2|fa4)" or "sdpa" (what CUDA fp16/bf16 prefill uses; CPU always uses SDPA)."""
+        return f"flash-attn ({self._flash[0]})" if self._flash is not None else "sdpa"
 
     def __call__(self, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if self._flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -179,10 +197,12 @@ class PagedAttention:
         graph if the kernel's grid would otherwise depend on the lengths.
     write_repeats : how many times each layer writes its K/V (1 normally). 0 and 2 exist for the
         step benchmark's ablation (a write is idempotent, so 2 gives the same tokens; 0 does not).
+    prefill : "auto", "flash" or "sdpa" (see `_Prefill`).
     """
 
     def __init__(self, kv_caches, kv_layout: str, kv_cache_dtype: str = "auto", k_scale=None, v_scale=None,
-                 *, scale: float, impl="triton", num_splits: int | None = None, write_repeats: int = 1):
+                 *, scale: float, impl="triton", num_splits: int | None = None, write_repeats: int = 1,
+                 prefill: str = "auto"):
         get_layout(kv_layout)
         self.kv_caches = kv_caches
         self.kv_layout = kv_layout
@@ -192,7 +212,11 @@ class PagedAttention:
         self.ops = impl if isinstance(impl, AttentionOps) else load_ops(impl)
         self.num_splits = num_splits
         self.write_repeats = write_repeats
-        self._prefill = _Prefill()
+        self._prefill = _Prefill(prefill)
+
+    @property
+    def prefill_name(self) -> str:
+        return self._prefill.name
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the new keys/values ``[T, num_kv_heads, head_size]`` at their slots."""

@@ -61,7 +61,10 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="model dtype (default: float16 CPU, bfloat16 GPU; the decode kernel takes fp16/bf16)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay decode steps from CUDA graphs (default: on with CUDA)")
-    p.add_argument("--attention-impl", default="triton", choices=["triton", "reference"])
+    p.add_argument("--attention-impl", default="triton", choices=["triton", "reference"],
+                   help="cache write + decode: miniattn's Triton kernels or the torch references")
+    p.add_argument("--prefill", default="auto", choices=["auto", "flash", "sdpa"],
+                   help="prefill attention: flash-attn varlen when importable (auto), or torch SDPA")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the prompts and the sampling")
@@ -102,7 +105,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     max_seq_len = prompt_len + gen_len
     ecfg = EngineConfig(kv_layout=args.layout, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                         num_blocks=args.num_blocks, max_num_seqs=batch, max_seq_len=max_seq_len,
-                        cuda_graph=use_graph, attention_impl=args.attention_impl, seed=args.seed)
+                        cuda_graph=use_graph, attention_impl=args.attention_impl,
+                        prefill_attention=args.prefill, seed=args.seed)
     steps = []
     engine = Engine(model, ecfg, on_step=steps.append)
     setup_s = time.perf_counter() - t0
@@ -113,7 +117,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     print(f"  batch {batch} x (prompt {prompt_len} + gen {gen_len}), layout {args.layout}, "
           f"kv_cache_dtype {args.kv_cache_dtype}, block {args.block_size}, "
           f"{engine.config.num_blocks} blocks, cuda_graph {'on' if use_graph else 'off'}, "
-          f"attention {args.attention_impl}; setup {setup_s:.1f}s")
+          f"attention {args.attention_impl}, prefill {engine.runner.attn.prefill_name if cuda else 'sdpa'}; "
+          f"setup {setup_s:.1f}s")
 
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, mcfg.vocab_size, (batch, prompt_len), generator=g).tolist()

@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Sequence as Seq
 import torch
 
 from .allocator import BlockAllocator, BlockTable
+from .attention import PREFILL_IMPLS
 from .layout import KV_CACHE_DTYPES, get_layout
 from .model import ToyLlama
 from .runner import ModelRunner
@@ -67,6 +68,8 @@ class EngineConfig:
         larger; at least `max_seq_len`, so that a preempted sequence can always be recomputed).
     cuda_graph : capture decode steps as CUDA graphs for `graph_batch_sizes` (CUDA only).
     attention_impl : "triton" (miniattn's kernels) or "reference" (pure torch).
+    prefill_attention : "auto" (flash-attn's varlen kernel when importable, else torch SDPA),
+        "flash" or "sdpa".
     num_splits : force the decode kernel's KV splits (None: its heuristic).
     seed : base seed of the per-request sampling generators.
     profile : record a `StepTimer` per step and report its regions in `StepStats.regions`.
@@ -84,6 +87,7 @@ class EngineConfig:
     cuda_graph: bool = False
     graph_batch_sizes: tuple[int, ...] | None = None
     attention_impl: str = "triton"
+    prefill_attention: str = "auto"
     num_splits: int | None = None
     seed: int = 0
     profile: bool = False
@@ -120,6 +124,8 @@ class EngineConfig:
             raise ValueError(f"graph_batch_sizes must lie in 1..max_num_seqs ({self.max_num_seqs}), got {sizes}")
         if self.attention_impl not in ("triton", "reference"):
             raise ValueError(f"attention_impl must be 'triton' or 'reference', got {self.attention_impl!r}")
+        if self.prefill_attention not in PREFILL_IMPLS:
+            raise ValueError(f"prefill_attention must be one of {PREFILL_IMPLS}, got {self.prefill_attention!r}")
         return dataclasses.replace(self, max_seq_len=max_seq_len, max_num_batched_tokens=tokens,
                                    num_blocks=num_blocks, graph_batch_sizes=sizes)
 

@@ -62,7 +62,8 @@ class ModelRunner:
             k_scale = torch.tensor([cfg.k_scale], dtype=torch.float32, device=dev)
             v_scale = torch.tensor([cfg.v_scale], dtype=torch.float32, device=dev)
         self.attn = PagedAttention(self.kv_caches, cfg.kv_layout, cfg.kv_cache_dtype, k_scale, v_scale,
-                                   scale=model.scale, impl=cfg.attention_impl, num_splits=cfg.num_splits)
+                                   scale=model.scale, impl=cfg.attention_impl, num_splits=cfg.num_splits,
+                                   prefill=cfg.prefill_attention)
         self.max_blocks_per_seq = -(-cfg.max_seq_len // cfg.block_size)
         self.slots = SlotMappingBuilder(cfg.block_size, cfg.max_num_seqs, self.max_blocks_per_seq,
                                         max_num_tokens=cfg.max_num_batched_tokens, device=dev)
