@@ -189,16 +189,20 @@ class Engine:
             request = Request(list(request), sampling or SamplingParams())
         elif sampling is not None:
             raise ValueError("pass sampling inside the Request, not beside it")
-        vocab = self.model.config.vocab_size
-        ids = list(request.prompt_token_ids)
-        if any(not 0 <= int(t) < vocab for t in ids):
-            raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}")
+        self.check_request(request)
         if request.request_id is None:
             request = dataclasses.replace(request, request_id=self._next_id)
         seq = Sequence(self._next_id, request)
-        self.scheduler.add(seq)  # raises before the id is used
+        self.scheduler.add(seq)
         self._next_id += 1
         return seq
+
+    def check_request(self, request: Request) -> None:
+        """ValueError if `request` could never be served (bad token ids, too long, pool too small)."""
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= int(t) < vocab for t in request.prompt_token_ids):
+            raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}")
+        self.scheduler.check(Sequence(-1, request))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -252,7 +256,7 @@ class Engine:
         reqs = [p if isinstance(p, Request) else Request(list(p), sp) for p, sp in zip(prompts, sampling)]
         for i, r in enumerate(reqs):
             try:
-                self.scheduler.check(Sequence(-1, r))
+                self.check_request(r)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         seqs = [self.add_request(r) for r in reqs]

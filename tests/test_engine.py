@@ -219,6 +219,8 @@ def test_bad_requests_are_refused_clearly(model32):
         engine.add_request([1, 256], SamplingParams(max_new_tokens=1))
     with pytest.raises(ValueError, match="prompt 1: .*empty"):
         engine.generate([[1, 2], []])
+    with pytest.raises(ValueError, match="prompt 2: .*0..255"):
+        engine.generate([[1, 2], [3], [4, -1]])
     assert not engine.has_unfinished()  # nothing half-accepted
     for bad in (0, -3, 1.5):
         with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
