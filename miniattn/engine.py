@@ -6,15 +6,35 @@ decode) → sample → finish sequences that are done, freeing their blocks at o
 
 Hooks for measuring, so a benchmark need not copy the loop:
 
-- ``Engine(..., on_step=fn)``: `fn(StepStats)` after every step (kind, batch, wall time, graph
-  used, preemptions, and with ``EngineConfig(profile=True)`` the step's timed regions in ms).
+- ``Engine(..., on_step=fn)``: `fn(StepStats)` after every step (kind, batch, tokens, host wall
+  time, graph bucket used, preemptions; with ``EngineConfig(profile=True)`` also the step's timed
+  regions in ms: "step", and for eager steps "write", "attn", "layer", "other", "embed", "head").
 - `Engine.prepare_decode_batch(batch_size, context_len)`: synthetic sequences holding
-  `context_len` tokens each in the cache (random contents), ready for decode steps;
-  `Engine.decode_step(batch, timer=..., use_graph=...)` runs one full decode step on it;
-  `Engine.release(batch)` gives the blocks back.
-- `ModelRunner.decode_callable(seqs, use_graph)`: only the device work of that step, for
-  `miniattn.timing`; `ModelRunner.set_write_repeats(0 | 1 | 2)`: the write ablation (re-captures).
-- `StepTimer` (`miniattn.step_timer`): per-layer "write" / "attn" / "layer" regions of an eager step.
+  `context_len` tokens each (random cache contents, scattered blocks), ready for decode steps;
+  `Engine.decode_step(batch, timer=StepTimer(...), use_graph=False)`: one full decode step on it
+  (host work included), per-layer regions in the timer; `Engine.release(batch)` frees the blocks.
+- `ModelRunner.decode_callable(seqs, use_graph)`: only the device work of that step, inputs
+  prepared once. With ``use_graph=True`` it replays the engine's captured graph (time it with
+  `miniattn.timing.time_eager`); with ``use_graph=False`` it is the eager forward, which
+  `miniattn.timing.time_graph` can capture itself.
+- Write ablation: ``engine.runner.attn.write_repeats = 0 | 1 | 2`` changes what later eager calls
+  and later captures do; `ModelRunner.set_write_repeats(n)` also re-captures the engine's graphs.
+- The attention backend is ``engine.runner.attn``: any object with
+  ``__call__(layer, q, k, v, meta) -> out`` (see `miniattn.attention`) can replace it, e.g. a peer
+  with a fused cache append (re-capture graphs afterwards: ``engine.runner.capture_graphs(sizes)``).
+
+A step benchmark in a few lines::
+
+    model = ToyLlama(get_preset("llama-8b", num_layers=4), dtype=torch.bfloat16, device="cuda")
+    engine = Engine(model, EngineConfig(kv_layout="HND", max_num_seqs=64, max_seq_len=4097,
+                                        cuda_graph=True, graph_batch_sizes=(64,)))
+    batch = engine.prepare_decode_batch(64, context_len=4096)
+    timer = StepTimer("cuda")
+    engine.decode_step(batch, timer=timer, use_graph=False)      # (a) events per component
+    per_layer = timer.per_layer()                                 # {layer: {write, attn, other, layer}}
+    full = time_eager(engine.runner.decode_callable(batch.seqs, use_graph=True))
+    engine.runner.set_write_repeats(0)                            # (b) ablation: no writes
+    no_write = time_eager(engine.runner.decode_callable(batch.seqs, use_graph=True))
 
 Example
 -------

@@ -153,9 +153,11 @@ class ModelRunner:
     def decode_callable(self, seqs: Seq["Sequence"], use_graph: bool = False) -> Callable[[], torch.Tensor]:
         """A zero-argument function running only the device work of this decode step.
 
-        Inputs are prepared once, now; each call re-runs the step on them (re-writing the same
-        slots, so the cache does not grow). With `use_graph` it replays the bucket's graph (which
-        must exist). Made for `miniattn.timing.time_graph` / `time_eager` in the step benchmark.
+        Inputs are prepared once, now, into the runner's fixed buffers; each call re-runs the step
+        on them (re-writing the same slots, so the cache does not grow). The callable is valid until
+        the buffers are next filled: any other step, `prepare_decode` or `capture_graphs` (so make
+        it after `set_write_repeats`). With `use_graph` it replays the bucket's graph (which must
+        exist). Made for `miniattn.timing.time_graph` / `time_eager` in the step benchmark.
         """
         n = len(seqs)
         if use_graph:

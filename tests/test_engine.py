@@ -294,6 +294,10 @@ def test_cuda_graph_decode_matches_eager(layout):
     eager = engine.decode_step(batch, use_graph=False).float().clone()
     graph = engine.decode_step(batch, use_graph=True).float().clone()
     torch.testing.assert_close(graph, eager, atol=2e-2, rtol=2e-2)
+    engine.runner.set_write_repeats(2)  # re-captures; writing twice changes nothing
+    replay = engine.runner.decode_callable(batch.seqs, use_graph=True)
+    torch.testing.assert_close(replay().float(), graph)
+    engine.runner.set_write_repeats(1)
     engine.release(batch)
     prompts = _prompts([5, 30, 17])
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=8))
