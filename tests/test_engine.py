@@ -146,8 +146,13 @@ def test_stop_token_ends_early(model32):
 # ------------------------------------------------------------------------------ scheduler
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_many_requests_through_a_small_pool(impl):
-    """More requests than the pool holds: preemption happens, all finish, results equal solo runs."""
-    model = _model(HALF)
+    """More requests than the pool holds: preemption happens, all finish, results equal solo runs.
+
+    On the CPU batched and solo runs compute bit-identical logits, so tokens must be identical. On a
+    GPU a GEMM over 5 rows and over 1 row may round differently, so a greedy request may part from
+    its solo run at a near-tie (top-2 dense logit gap < 0.02), and only there.
+    """
+    model = _model(torch.float16)
     rng = random.Random(0)
     reqs = []
     for i in range(14):
@@ -158,6 +163,7 @@ def test_many_requests_through_a_small_pool(impl):
         reqs.append(Request(prompt, sp, request_id=f"r{i}"))
     cfg = EngineConfig(block_size=4, num_blocks=8, max_num_seqs=5, max_seq_len=32, attention_impl=impl)
     engine = Engine(model, cfg)
+    m32 = _same_weights_fp32(model)
     seqs = [engine.add_request(r) for r in reqs]
     while engine.has_unfinished():
         engine.step()
@@ -172,8 +178,14 @@ def test_many_requests_through_a_small_pool(impl):
     for r, o in zip(reqs, outs):
         assert o.request_id == r.request_id
         assert len(o.output_token_ids) == r.sampling.max_new_tokens and o.finish_reason == "length"
-        alone = Engine(model, cfg).generate([r])[0]
-        assert o.output_token_ids == alone.output_token_ids, f"{r.request_id} differs from its solo run"
+        alone = Engine(model, cfg).generate([r])[0].output_token_ids
+        if DEVICE == "cuda" and r.sampling.greedy and o.output_token_ids != alone:
+            i = next(j for j, (a, b) in enumerate(zip(o.output_token_ids, alone)) if a != b)
+            row = m32.forward_dense(r.prompt_token_ids + alone[:i])[-1].float()
+            gap = abs(float(row[alone[i]] - row[o.output_token_ids[i]]))
+            assert gap < 0.02, f"{r.request_id} parts from its solo run at step {i} without a near-tie"
+            continue
+        assert o.output_token_ids == alone, f"{r.request_id} differs from its solo run"
 
 
 def test_newest_request_is_preempted(model32):
