@@ -152,11 +152,12 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _print_breakdown(engine, torch, StepTimer, batch, ctx, cuda) -> None:
     """Per-component time of one eager decode step at the final context length (a synthetic batch)."""
-    try:
-        db = engine.prepare_decode_batch(batch, ctx)
-    except ValueError as e:
-        print(f"\n  (no breakdown: {e})")
+    per_seq = -(-ctx // engine.config.block_size)
+    batch = min(batch, engine.allocator.num_free // per_seq)  # a pool too small for all: fewer rows
+    if batch < 1:
+        print(f"\n  (no breakdown: one sequence of {ctx} tokens needs {per_seq} blocks)")
         return
+    db = engine.prepare_decode_batch(batch, ctx)
     try:
         reps = 5 if cuda else 1
         engine.decode_step(db, use_graph=False)  # warm-up
