@@ -18,8 +18,10 @@ _EXPORTS = {
     "reshape_and_cache_flash": "ops.cache_write", "reshape_and_cache": "ops.cache_write",
     "paged_decode_attention": "ops.decode",
     "reshape_and_cache_ref": "ops.reference", "paged_decode_attention_ref": "ops.reference",
-    "ModelConfig": "model", "ToyLlama": "model", "PRESETS": "model",
+    "ModelConfig": "model", "ToyLlama": "model", "PRESETS": "model", "get_preset": "model",
     "Engine": "engine", "EngineConfig": "engine", "Request": "engine", "SamplingParams": "engine",
+    "RequestOutput": "engine", "StepStats": "engine", "DecodeBatch": "engine",
+    "StepTimer": "step_timer",
 }
 __all__ = sorted(_EXPORTS)
 
