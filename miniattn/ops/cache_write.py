@@ -23,6 +23,7 @@ import os
 import torch
 
 from ..layout import KV_CACHE_DTYPES, cache_geometry, cache_strides, get_layout
+from . import launch
 from .launch import Launcher, interpreting, triton_available
 from .reference import reshape_and_cache_ref
 
@@ -68,7 +69,16 @@ def _round_to_fp8_grid(y, DROP_BITS: tl.constexpr, SUB_INV_STEP: tl.constexpr, M
 @_jit
 def _quantize_fp8(x, scale, FP8_FORMAT: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
     """saturate(x / scale) as float8_e4m3fn (FP8_FORMAT 1) or float8_e5m2 (2)."""
-    y = tl.math.div_rn(x.to(tl.float32), scale)  # IEEE division, as torch does (`/` is approximate)
+    # y = x / scale rounded as IEEE division (what torch computes). tl.math.div_rn per element would
+    # do it too, but its slow-path call costs 8 registers (40 instead of 32: fewer programs per SM).
+    # Instead: the approximate reciprocal (within 2 ulp), one Newton step to the correctly rounded
+    # 1/scale, the quotient x * (1/scale) (within an ulp), and one FMA residual step to the correctly
+    # rounded quotient (Markstein); identical to x / scale on 2e7 random (bf16, fp32) pairs.
+    r = 1.0 / scale
+    r = tl.fma(r, tl.fma(-scale, r, 1.0), r)
+    x = x.to(tl.float32)
+    y = x * r
+    y = tl.fma(tl.fma(-y, scale, x), r, y)
     if FP8_FORMAT == 1:
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         if ROUND_ON_GRID:
@@ -94,7 +104,6 @@ def _reshape_and_cache_kernel(
     v_scale_ptr,  # FP8: [1] or [num_kv_heads] float32 (any pointer otherwise, unused)
     # geometry
     num_kv_heads,
-    block_size,
     # input strides (elements; the last dim has stride 1)
     key_stride_tok,
     key_stride_head,
@@ -112,6 +121,7 @@ def _reshape_and_cache_kernel(
     vc_stride_head,
     vc_stride_dim,
     # compile-time configuration
+    BLOCK_SIZE: tl.constexpr,  # cache block size (slots per block): slot // BLOCK_SIZE is a shift
     HEAD_SIZE_K: tl.constexpr,
     HEAD_SIZE_V: tl.constexpr,
     BLOCK_DK: tl.constexpr,  # next power of two >= HEAD_SIZE_K
@@ -150,8 +160,8 @@ def _reshape_and_cache_kernel(
             v_scale = tl.load(v_scale_ptr)
 
     # Cache addresses: int64 for the block part (caches pass 2**31 elements), int32 inside a block.
-    blk = slot // block_size
-    off = slot % block_size
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
     # a padding token (slot < 0) stores no head; written as a head limit, not `mask & scalar`,
     # because the interpreter turns a tensor & scalar mask into int32 and rejects it
     store_heads = tl.where(slot >= 0, num_kv_heads, 0)
@@ -170,8 +180,9 @@ def _reshape_and_cache_kernel(
 
     if FP8_FORMAT != 0:  # bitcast: a uint8 cache holds the same bits as a float8 one
         k = _quantize_fp8(k, k_scale, FP8_FORMAT, ROUND_ON_GRID).to(key_cache_ptr.dtype.element_ty, bitcast=True)
-        v = _quantize_fp8(v, v_scale, FP8_FORMAT, ROUND_ON_GRID).to(value_cache_ptr.dtype.element_ty, bitcast=True)
     tl.store(kc + k_inner, k, mask=k_store)
+    if FP8_FORMAT != 0:
+        v = _quantize_fp8(v, v_scale, FP8_FORMAT, ROUND_ON_GRID).to(value_cache_ptr.dtype.element_ty, bitcast=True)
     tl.store(vc + v_inner, v, mask=v_store)
 
 
@@ -197,25 +208,31 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _launch_config(num_kv_heads: int, block_d: int, elem_size: int) -> tuple[int, int]:
-    """(heads_per_program, num_warps): about 2 KiB of key and 2 KiB of value per program.
+def _launch_config(num_kv_heads: int, block_d: int, elem_size: int, kv_layout: str = "NHD", fp8: bool = False):
+    """(heads_per_program, num_warps) from a small heuristic (H100 measurements in benchmarks/NOTES-write.md).
 
-    A program per token keeps the grid free of num_tokens (nothing to mask, no re-specialisation per
-    batch size); with 128 threads each lane moves one 16-byte vector of key and one of value.
+    A program per token (times head blocks) keeps num_tokens out of the kernel: nothing to mask, no
+    re-specialisation per batch size. Tiles of about 2 KiB of key and 2 KiB of value per program
+    (1 KiB for paged5d, whose scattered value stores favour more, smaller programs), one 16-byte
+    vector per lane; when one program holds a whole token (few heads) and there is no FP8 arithmetic,
+    half the lanes with two vectors each: smaller programs, more of them resident per SM.
     """
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
-    tile = 2048 // elem_size  # elements per tensor per program
+    tile = (1024 if kv_layout == "paged5d" else 2048) // elem_size  # elements per tensor per program
     hpp = min(_next_pow2(num_kv_heads), max(1, tile // block_d))
     vec = 16 // elem_size
     num_warps = max(1, min(8, hpp * block_d // (vec * 32)))
+    if kv_layout != "paged5d" and not fp8 and hpp >= num_kv_heads and num_warps > 1:
+        num_warps //= 2
     return hpp, num_warps
 
 
 class _Plan:
     """A validated argument configuration: what to launch (or that the reference must run)."""
 
-    __slots__ = ("grid", "ints", "consts", "num_warps", "use_ref", "fp8", "num_slots", "num_tokens", "kv_layout")
+    __slots__ = ("grid", "ints", "consts", "num_warps", "use_ref", "fp8", "num_slots", "num_tokens", "kv_layout",
+                 "device_index", "compiled")
 
 
 def _fail(cls, msg):
@@ -315,20 +332,23 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     plan.num_slots = num_blocks * block_size
     plan.num_tokens = num_tokens
     plan.use_ref = not triton_available() or (device.type != "cuda" and not interpreting())
+    direct = not plan.use_ref and device.type == "cuda" and not interpreting()
+    plan.device_index = device.index if direct else None
+    plan.compiled = None  # the compiled kernel's launch handle, after the first aligned call; False: none
     block_dk, block_dv = _next_pow2(head_size_k), _next_pow2(head_size_v)
-    hpp, num_warps = _launch_config(num_kv_heads, max(block_dk, block_dv), key.element_size())
+    hpp, num_warps = _launch_config(num_kv_heads, max(block_dk, block_dv), key.element_size(), kv_layout, bool(fp8))
     num_head_blocks = -(-num_kv_heads // hpp)
     plan.grid = (num_tokens * num_head_blocks,)
     plan.num_warps = num_warps
     plan.ints = (
-        num_kv_heads, block_size,
+        num_kv_heads,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         ks.block, ks.slot, ks.head, ks.dim_hi, ks.dim_lo,
         vs.block, vs.slot, vs.head, vs.dim_lo,
     )
     k_per_head = bool(fp8) and num_kv_heads > 1 and k_scale.numel() == num_kv_heads
     v_per_head = bool(fp8) and num_kv_heads > 1 and v_scale.numel() == num_kv_heads
-    plan.consts = (head_size_k, head_size_v, block_dk, block_dv, hpp, num_head_blocks, key_x, fp8,
+    plan.consts = (block_size, head_size_k, head_size_v, block_dk, block_dv, hpp, num_head_blocks, key_x, fp8,
                    k_per_head, v_per_head, interpreting())
     return plan
 
@@ -365,7 +385,7 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[sig] = plan
-    if os.environ.get("MINIATTN_DEBUG", "0") not in ("", "0"):
+    if _debug_enabled():
         _check_slots(slot_mapping, plan.num_slots)
     if plan.num_tokens == 0:
         return
@@ -374,11 +394,46 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
         reshape_and_cache_ref(key[:n], value[:n], key_cache, value_cache, slot_mapping, kv_cache_dtype,
                               k_scale, v_scale, kv_layout=kv_layout)
         return
-    if plan.fp8:
-        ptrs = (key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
-    else:
-        ptrs = (key, value, key_cache, value_cache, slot_mapping, slot_mapping, slot_mapping)
+    if not plan.fp8:  # unused scale pointers
+        k_scale = v_scale = slot_mapping
+    if plan.compiled:
+        # Hot path: everything was validated for this configuration; the kernel is compiled for all
+        # pointers 16-byte aligned. Raw addresses spare Triton's C launcher a data_ptr() call and a
+        # cuPointerGetAttribute per pointer; a profiler's launch hooks need the full path below.
+        ptrs = (key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr(),
+                k_scale.data_ptr(), v_scale.data_ptr())
+        if (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4] | ptrs[5] | ptrs[6]) & 15 == 0 and not launch._hooks_installed():
+            run, function, metadata = plan.compiled
+            run(plan.grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(plan.device_index), function, metadata,
+                None, None, None, *ptrs, *plan.ints, *plan.consts)
+            return
+    ptrs = (key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     _LAUNCH(plan.grid, ptrs, plan.ints, plan.consts, plan.num_warps)
+    if plan.compiled is None and plan.device_index is not None and not any(p.data_ptr() & 15 for p in ptrs):
+        plan.compiled = _compiled_handle(plan, ptrs)
+
+
+def _compiled_handle(plan, ptrs):
+    """(run, function, metadata) of the kernel compiled for `plan` (pointers 16-byte aligned), or False."""
+    try:
+        k = _reshape_and_cache_kernel.warmup(*ptrs, *plan.ints, *plan.consts, grid=plan.grid, num_warps=plan.num_warps,
+                                             num_stages=1)
+        run = k.run  # first: loads the module, so that `function` is set
+        return run, k.function, k.packed_metadata
+    except Exception:  # pragma: no cover - a Triton without these attributes: stay on the Launcher
+        return False
+
+
+try:  # MINIATTN_DEBUG is read at every call: straight from the environment's dict (os.environ.get
+    # costs a raised-and-caught KeyError when the variable is unset)
+    _ENV, _DEBUG_KEY = os.environ._data, os.environ.encodekey("MINIATTN_DEBUG")
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _ENV = None
+
+
+def _debug_enabled() -> bool:
+    v = _ENV.get(_DEBUG_KEY) if _ENV is not None else os.environ.get("MINIATTN_DEBUG")
+    return v not in (None, b"", b"0", "", "0")
 
 
 def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype="auto",
