@@ -77,6 +77,8 @@ def main():
         sig = cw._signature("NHD", key, value, kc, vc, slots, "auto", None, None)
         plan = cw._PLANS[sig]
         ptrs = (key, value, kc, vc, slots, slots, slots)
+        if not plan.compiled:
+            raise SystemExit("the op did not take its direct-launch path (Triton without warmup/run handles?)")
         plan_run, function, metadata = plan.compiled  # the op's direct-launch handle (set by its first call)
         stream = torch.cuda.current_stream().cuda_stream
         g = plan.grid
