@@ -206,6 +206,9 @@ def run_sweep(a):
     t_start = time.time()
     for batch, ctx in itertools.product(a.batch_sizes, a.contexts):
         inp = make_inputs(batch, ctx, a)
+        # the read ceiling at this point's size (bf16 KV bytes): small reads never reach the 1 GiB figure
+        at_size = timing.read_bandwidth(kv_bytes(batch, ctx, a, inp["k"].element_size()))
+        print(f"b={batch} ctx={ctx}: read ceiling at this size {at_size:.0f} GB/s", flush=True)
         modes = a.modes if batch * ctx <= a.all_modes_max_tokens else [m for m in a.modes if m == "graph"]
         gens = [ours(inp, a)] + [PEERS[p](inp, a) for p in a.peers if p not in skipped]
         names = ["miniattn"] + [p for p in a.peers if p not in skipped]
@@ -215,7 +218,8 @@ def run_sweep(a):
                     t = time_one(fn, modes)
                     us = t.get("graph", t.get(modes[0]))
                     gb = timing.gbps(nbytes, us)
-                    row = dict(batch=batch, ctx=ctx, impl=name, bytes=nbytes, gbps=gb, pct=100 * gb / ceiling, **t, **info)
+                    row = dict(batch=batch, ctx=ctx, impl=name, bytes=nbytes, gbps=gb, pct=100 * gb / ceiling,
+                               read_ceiling_at_size=at_size, **t, **info)
                     rows.append(row)
                     print(f"  b={batch:<4} ctx={ctx:<6} {name:<22} " + " ".join(f"{m}={t[m]:8.1f}" for m in modes)
                           + f"  {gb:6.0f} GB/s {row['pct']:5.1f}% {info if info else ''}", flush=True)
@@ -328,51 +332,54 @@ def plot(rows, path):
 # --tune: launch configurations and split counts, NHD, graph mode
 # ------------------------------------------------------------------------------------------------
 
+def _tune_experiments():
+    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None)."""
+    exps = []
+    for b, c in [(1, 4096), (1, 16384), (16, 512), (64, 512)]:  # BLOCK_N 32 vs 64
+        exps += [(b, c, "auto", "NHD", cfg, None) for cfg in [(64, 4, 2, 4), (32, 4, 2, 4)]]
+    exps += [(1, 16384, "auto", "NHD", None, n) for n in (32, 64)]
+    for b, c in [(16, 4096), (64, 4096), (128, 4096), (16, 16384)]:  # FP8 configs x splits
+        for cfg in [(128, 4, 2, 2), (64, 4, 5, 4)]:
+            exps += [(b, c, "fp8", "NHD", cfg, n) for n in (1, 2, 4)]
+    return exps
+
+
 def run_tune(a):
     ceiling = timing.read_bandwidth()
     print(f"read ceiling {ceiling:.0f} GB/s")
-    points = [(1, 512), (1, 4096), (1, 16384), (16, 4096), (64, 4096), (128, 4096)]
-    fp8_points = {(1, 16384), (16, 4096), (64, 4096)}
-    configs = [(64, 4, 2), (64, 4, 3), (32, 4, 3), (128, 4, 2), (64, 8, 2)]
     real_cfg = decode_mod.decode_launch_config
     rows = []
-    for batch, ctx in points:
+    exps = sorted(_tune_experiments(), key=lambda e: (e[0], e[1]))
+    for (batch, ctx), group in itertools.groupby(exps, key=lambda e: (e[0], e[1])):
         inp = make_inputs(batch, ctx, a)
         q, bt, sl = inp["query"], inp["block_tables"], inp["seq_lens"]
-        for cdt in a.kv_cache_dtypes:
-            if cdt != "auto" and (batch, ctx) not in fp8_points:
+        s1 = torch.tensor([0.25], device="cuda")
+        caches = {}
+        for _, _, cdt, lay, cfg, ns in group:
+            if (cdt, lay) not in caches:
+                k, v = (inp["k"], inp["v"]) if cdt == "auto" else ((inp["k"] / s1).to(FP8), (inp["v"] / s1).to(FP8))
+                caches[(cdt, lay)] = (k, v) if lay == "NHD" else from_nhd(lay, k, v)
+            k, v = caches[(cdt, lay)]
+            extra = {} if cdt == "auto" else dict(kv_cache_dtype="fp8", k_scale=s1, v_scale=s1)
+            elem = k.element_size()
+            decode_mod.decode_launch_config = (lambda *x, cfg=cfg: cfg) if cfg else real_cfg
+            decode_mod._PLANS.clear()
+            fn = lambda: paged_decode_attention(q, k, v, bt, sl, kv_layout=lay, num_splits=ns, **extra)  # noqa: E731
+            try:
+                fn()
+                us = timing.time_graph(fn)
+            except Exception as e:
+                print(f"  b={batch} ctx={ctx} {cdt} {lay} cfg={cfg} splits={ns}: {type(e).__name__} {str(e)[:160]}")
                 continue
-            if cdt == "auto":
-                k, v, extra, elem = inp["k"], inp["v"], {}, inp["k"].element_size()
-            else:
-                s1 = torch.tensor([0.25], device="cuda")
-                k, v, extra, elem = (inp["k"] / s1).to(FP8), (inp["v"] / s1).to(FP8), \
-                    dict(kv_cache_dtype="fp8", k_scale=s1, v_scale=s1), 1
-            nbytes = kv_bytes(batch, ctx, a, elem)
-            default_splits = None
-            for cfg in configs + [None]:
-                decode_mod.decode_launch_config = (lambda *x, cfg=cfg: cfg) if cfg else real_cfg
-                decode_mod._PLANS.clear()
-                splits_list = [None] if cfg else [1, 2, 4, 8, 16, 32, 64] if batch <= 16 else [1, 2]
-                for ns in splits_list:
-                    fn = lambda ns=ns: paged_decode_attention(q, k, v, bt, sl, num_splits=ns, **extra)  # noqa: E731
-                    try:
-                        fn()
-                        us = timing.time_graph(fn)
-                    except Exception as e:
-                        print(f"  b={batch} ctx={ctx} {cdt} cfg={cfg} splits={ns}: {type(e).__name__} {str(e)[:120]}")
-                        continue
-                    plan = list(decode_mod._PLANS.values())[-1]
-                    if cfg is not None:
-                        default_splits = plan.splits
-                    gb = timing.gbps(nbytes, us)
-                    rows.append(dict(batch=batch, ctx=ctx, cache=cdt, cfg=str(cfg or real_cfg(a.head_size, a.head_size, elem, a.block_size)),
-                                     splits=plan.splits, heuristic_splits=default_splits, us=us, gbps=gb, pct=100 * gb / ceiling))
-                    print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} cfg={rows[-1]['cfg']:<13} splits={plan.splits:<3} "
-                          f"{us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}%", flush=True)
-            decode_mod.decode_launch_config = real_cfg
-            del k, v
-        del inp
+            plan = next(iter(decode_mod._PLANS.values()))
+            gb = timing.gbps(kv_bytes(batch, ctx, a, elem), us)
+            used = real_cfg(a.head_size, a.head_size, elem, a.block_size) if cfg is None else cfg
+            rows.append(dict(batch=batch, ctx=ctx, cache=cdt, layout=lay, cfg=str(used), splits=plan.splits,
+                             forced_splits=ns, us=us, gbps=gb, pct=100 * gb / ceiling))
+            print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} {lay:<8} cfg={str(used):<13} splits={plan.splits:<3} "
+                  f"{us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}%", flush=True)
+        decode_mod.decode_launch_config = real_cfg
+        del inp, caches
         free()
     return rows, ceiling
 
@@ -449,7 +456,7 @@ def run_host_stub(a, calls=20000):
                     lr(plan.rgrid, ptrs[:6], plan.rints, plan.rconsts, 4, 1)
 
             launcher = per_call(launches)
-            rows.append(dict(batch=batch, ctx=ctx, splits=plan.splits, python_us=python_side, launcher_us=launcher,
+            rows.append(dict(batch=batch, ctx=ctx, splits=plan.splits, launches=1 + (plan.splits > 1), python_us=python_side, launcher_us=launcher,
                              total_us=python_side + launcher))
             print(f"  b={batch:<3} ctx={ctx:<5} splits={plan.splits:<3} python {python_side:5.2f} us + "
                   f"Launcher {launcher:5.2f} us = {python_side + launcher:5.2f} us per call", flush=True)

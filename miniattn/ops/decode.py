@@ -13,8 +13,9 @@ through the strides from `layout.cache_strides`, so NHD, HND and paged5d (and vi
 of a combined NHD cache) are one kernel with different strides and one constexpr (`KEY_X`, the head
 split of the paged5d key). Softmax is online, in base 2 (`exp2`, log2(e) folded into the scale).
 
-FP8 caches are loaded as float8, widened to the query dtype for the dot; `k_scale` is folded into the
-score scale and `v_scale` into the output, so dequantisation costs two multiplies per program.
+FP8 caches are loaded as float8 and widened to fp16 for the dots (e4m3/e5m2 -> fp16 is one `cvt` per
+two elements, -> bf16 three; fp16 also keeps more of p's mantissa); `k_scale` is folded into the score
+scale and `v_scale` into the output, so dequantisation costs two multiplies per program.
 
 Split-KV (flash-decoding): with NUM_SPLITS > 1 each sequence is cut into NUM_SPLITS equal, BLOCK_N
 aligned pieces *computed in the kernel from seq_len*; each program writes an unnormalised partial
@@ -95,6 +96,15 @@ if triton_available():
         kvh = pid_h // ROW_CHUNKS
         chunk = pid_h % ROW_CHUNKS
 
+        rows = chunk * ROWS + tl.arange(0, ROWS)  # index inside the group
+        row_ok = rows < GROUP
+        qh = kvh * GROUP + rows  # q head of each row
+        dk = tl.arange(0, HEAD_K_PAD)
+        dv = tl.arange(0, HEAD_V_PAD)
+        dk_ok = dk < HEAD_K
+        dv_ok = dv < HEAD_V
+        out_rows_ptr = out_ptr + b.to(tl.int64) * o_stride_b + qh[:, None] * o_stride_h + dv[None, :] * o_stride_d
+
         seq_len = tl.load(seq_lens_ptr + b)
         if NUM_SPLITS == 1:
             start = 0
@@ -106,19 +116,15 @@ if triton_available():
             if start >= end:  # past the end of this sequence (or an empty one): nothing to do
                 return
 
-        rows = chunk * ROWS + tl.arange(0, ROWS)  # index inside the group
-        row_ok = rows < GROUP
-        qh = kvh * GROUP + rows  # q head of each row
-        dk = tl.arange(0, HEAD_K_PAD)
-        dv = tl.arange(0, HEAD_V_PAD)
-        dk_ok = dk < HEAD_K
-        dv_ok = dv < HEAD_V
-
         q = tl.load(
             q_ptr + b.to(tl.int64) * q_stride_b + qh[:, None] * q_stride_h + dk[None, :] * q_stride_d,
             mask=row_ok[:, None] & dk_ok[None, :],
             other=0.0,
         )  # [ROWS, HEAD_K_PAD]
+        if FP8:
+            # FP8 caches are widened to fp16 (one cvt per two elements; bf16 would need two more),
+            # so the dots run in fp16: queries are clamped to its range
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
         scale = qk_scale
         if FP8:
@@ -192,23 +198,51 @@ if triton_available():
             m_i = m_new
 
         if NUM_SPLITS == 1:
-            inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0: acc is 0 -> zeros, never NaN
-            if FP8:
-                if V_SCALE_PER_HEAD:
-                    inv = inv * tl.load(v_scale_ptr + kvh)
-                else:
-                    inv = inv * tl.load(v_scale_ptr)
-            o = acc * inv[:, None]
-            tl.store(
-                out_ptr + b.to(tl.int64) * o_stride_b + qh[:, None] * o_stride_h + dv[None, :] * o_stride_d,
-                o.to(out_ptr.dtype.element_ty),
-                mask=row_ok[:, None] & dv_ok[None, :],
-            )
+            _store_rows(out_rows_ptr, acc, l_i, row_ok[:, None] & dv_ok[None, :], v_scale_ptr, kvh,
+                        FP8, V_SCALE_PER_HEAD)
         else:
             part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + split  # [ROWS]
             tl.store(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], acc, mask=row_ok[:, None])
             tl.store(part_max_ptr + part_row, m_i, mask=row_ok)
             tl.store(part_sum_ptr + part_row, l_i, mask=row_ok)
+
+    @triton.jit
+    def _store_rows(out_rows_ptr, acc, l_i, mask, v_scale_ptr, kvh, FP8: tl.constexpr,
+                    V_SCALE_PER_HEAD: tl.constexpr):
+        """out rows = acc / l (x v_scale for FP8); rows with l == 0 (no tokens) get zeros, never NaN."""
+        inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
+        if FP8:
+            if V_SCALE_PER_HEAD:
+                inv = inv * tl.load(v_scale_ptr + kvh)
+            else:
+                inv = inv * tl.load(v_scale_ptr)
+        tl.store(out_rows_ptr, (acc * inv[:, None]).to(out_rows_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _merge_head(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, qh, num_pieces, num_q_heads,
+                    o_stride_b, o_stride_h, o_stride_d, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
+                    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, FP8: tl.constexpr,
+                    V_SCALE_PER_HEAD: tl.constexpr):
+        """out[b, qh] = the merge of that head's first `num_pieces` partials (flash-decoding rescale)."""
+        sp = tl.arange(0, SPLITS_PAD)
+        sp_ok = sp < num_pieces
+        dv = tl.arange(0, HEAD_V_PAD)
+        part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + sp  # [SPLITS_PAD]
+        m = tl.load(part_max_ptr + part_row, mask=sp_ok, other=float("-inf"))
+        l = tl.load(part_sum_ptr + part_row, mask=sp_ok, other=0.0)
+        acc = tl.load(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], mask=sp_ok[:, None], other=0.0)
+        m_all = tl.maximum(tl.max(m, 0), -1e30)  # finite even with no valid piece: no inf - inf
+        w = tl.where(sp_ok, tl.exp2(m - m_all), 0.0)
+        o = tl.sum(acc * w[:, None], 0)  # [HEAD_V_PAD]
+        denom = tl.sum(w * l, 0)
+        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)  # seq_len 0: o is 0 -> zeros
+        if FP8:
+            if V_SCALE_PER_HEAD:
+                inv = inv * tl.load(v_scale_ptr + qh // GROUP)
+            else:
+                inv = inv * tl.load(v_scale_ptr)
+        tl.store(out_ptr + b.to(tl.int64) * o_stride_b + qh * o_stride_h + dv * o_stride_d,
+                 (o * inv).to(out_ptr.dtype.element_ty), mask=dv < HEAD_V)
 
     @triton.jit
     def _paged_decode_reduce_kernel(
@@ -236,27 +270,10 @@ if triton_available():
         b = tl.program_id(1)
         seq_len = tl.load(seq_lens_ptr + b)
         split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        num_valid = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # pieces the main kernel wrote
-
-        sp = tl.arange(0, SPLITS_PAD)
-        sp_ok = sp < num_valid
-        dv = tl.arange(0, HEAD_V_PAD)
-        part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + sp  # [SPLITS_PAD]
-        m = tl.load(part_max_ptr + part_row, mask=sp_ok, other=float("-inf"))
-        l = tl.load(part_sum_ptr + part_row, mask=sp_ok, other=0.0)
-        m_all = tl.maximum(tl.max(m, 0), -1e30)  # finite even with no valid piece: no inf - inf
-        w = tl.where(sp_ok, tl.exp2(m - m_all), 0.0)
-        denom = tl.sum(w * l, 0)
-        acc = tl.load(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], mask=sp_ok[:, None], other=0.0)
-        o = tl.sum(acc * w[:, None], 0)  # [HEAD_V_PAD]
-        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)  # seq_len 0: o is 0 -> zeros
-        if FP8:
-            if V_SCALE_PER_HEAD:
-                inv = inv * tl.load(v_scale_ptr + qh // GROUP)
-            else:
-                inv = inv * tl.load(v_scale_ptr)
-        tl.store(out_ptr + b.to(tl.int64) * o_stride_b + qh * o_stride_h + dv * o_stride_d,
-                 (o * inv).to(out_ptr.dtype.element_ty), mask=dv < HEAD_V)
+        num_pieces = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # pieces the main kernel wrote
+        _merge_head(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, qh, num_pieces, num_q_heads,
+                    o_stride_b, o_stride_h, o_stride_d, HEAD_V, HEAD_V_PAD, GROUP, NUM_SPLITS, SPLITS_PAD, FP8,
+                    V_SCALE_PER_HEAD)
 
     _DECODE = Launcher(_paged_decode_kernel)
     _REDUCE = Launcher(_paged_decode_reduce_kernel)
@@ -266,10 +283,8 @@ if triton_available():
 # launch heuristics
 # ------------------------------------------------------------------------------------------------
 
-#: programs per SM the split heuristic aims for (a few resident programs keep enough loads in flight)
-TARGET_PROGRAMS_PER_SM = 4
-#: fewest BLOCK_N tiles a split may have (shorter pieces cost more in partials than they save)
-MIN_TILES_PER_SPLIT = 2
+#: fewest BLOCK_N tiles a split may have
+MIN_TILES_PER_SPLIT = 1
 MAX_SPLITS = 64
 _CPU_SM_COUNT = 4  # under the interpreter: few programs, fast tests
 _SM_COUNT: dict = {}
@@ -297,23 +312,27 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: int, block_size: int):
-    """(BLOCK_N, num_warps, num_stages) for one program's loop: ~16 KB of keys per step."""
+    """(BLOCK_N, num_warps, num_stages, programs_per_sm) of the main kernel.
+
+    About 16 KB of keys per loop step: 64 tokens x 128 x 2 B (32 for head sizes over 128), 128 FP8
+    tokens. programs_per_sm is how many programs the split heuristic wants resident per SM: 4 for
+    16-bit caches (98 registers, 38 KB of shared memory on sm_90), 2 for FP8 (196 registers).
+    Measured on an H100 (benchmarks/NOTES-decode.md): deeper pipelines (num_stages 3-5) and 8 warps
+    were no faster."""
     head = max(head_size_k, head_size_v)
-    block_n = 64 if head <= 128 else 32
     if cache_elem_bytes == 1 and head <= 128:
-        block_n = 128  # FP8: twice the tokens for the same bytes per step
-    return block_n, 4, 2
+        return 128, 4, 2, 2
+    return (64 if head <= 128 else 32), 4, 2, 4
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int:
-    """Split-KV factor: a power of two that brings batch x kv_heads x splits near
-    TARGET_PROGRAMS_PER_SM x sm_count programs, with at least MIN_TILES_PER_SPLIT tiles of BLOCK_N
-    tokens per split of a `max_len`-token sequence. 1 when the batch alone fills the GPU."""
+def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int,
+                      programs_per_sm: int = 4) -> int:
+    """Split-KV factor: the largest power of two with batch x kv_heads x splits <= programs_per_sm x
+    sm_count (one wave of resident programs), at least MIN_TILES_PER_SPLIT tiles of BLOCK_N tokens per
+    split of a `max_len`-token sequence, at most MAX_SPLITS. 1 when the batch alone fills the GPU."""
     base = max(1, batch * num_kv_heads)
-    want = -(-TARGET_PROGRAMS_PER_SM * sm_count // base)
     tiles = -(-max(1, max_len) // block_n)
-    cap = max(1, tiles // MIN_TILES_PER_SPLIT)
-    n = min(want, cap, MAX_SPLITS)
+    n = min(programs_per_sm * sm_count // base, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS)
     if n <= 1:
         return 1
     return 1 << (n.bit_length() - 1)  # round down to a power of two
@@ -346,7 +365,7 @@ class _Plan:
     """Everything about a call that depends only on metadata: computed once per configuration."""
 
     __slots__ = ("grid", "ints", "consts", "warps", "stages", "splits", "rgrid", "rints", "rconsts",
-                 "part_acc", "part_max", "part_sum", "out_shape", "fp8", "cache_dtype", "dummy", "warned")
+                 "part_acc", "part_max", "part_sum", "out_shape", "fp8", "cache_dtype", "dummy")
 
 
 def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
@@ -426,16 +445,15 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     plan.fp8 = fp8
     plan.cache_dtype = cache_dtype
     plan.out_shape = (batch, num_q_heads, head_v)
-    plan.warned = False
     group = num_q_heads // num_kv_heads
     rows = max(16, min(_next_pow2(group), _MAX_ROWS))
     row_chunks = -(-group // rows)
-    block_n, warps, stages = decode_launch_config(head_k, head_v, kc.element_size(), block_size)
+    block_n, warps, stages, per_sm = decode_launch_config(head_k, head_v, kc.element_size(), block_size)
 
     capacity = block_tables.shape[1] * block_size
     bucket = capacity if max_seq_len is None else min(_next_pow2(max(max_seq_len, 1)), max(capacity, 1))
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, _sm_count(device))
+        num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, _sm_count(device), per_sm)
     plan.splits = num_splits
 
     ks = cache_strides(kv_layout, kc, is_key=True)
@@ -461,15 +479,16 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         sm_scale * _LOG2E,
     )
     plan.consts = (
-        block_size, block_n, head_k, head_k_pad, head_v, head_v_pad, ks.x, k_align, v_align, v_run, group, rows, row_chunks,
-        num_splits, fp8,
+        block_size, block_n, head_k, head_k_pad, head_v, head_v_pad, ks.x, k_align, v_align, v_run, group, rows,
+        row_chunks, num_splits, fp8,
         bool(fp8 and k_scale.numel() > 1), bool(fp8 and v_scale.numel() > 1),
-        device.type != "cuda" and query.dtype == torch.bfloat16,
+        device.type != "cuda" and query.dtype == torch.bfloat16 and not fp8,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
     plan.warps, plan.stages = warps, stages
     # a 1-element float32 stand-in for unused pointer arguments (scales without FP8, partials without splits)
     plan.dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    # split-KV scratch, allocated once per configuration (so that graph capture allocates nothing)
     if num_splits > 1:
         plan.part_acc = torch.empty(batch, num_q_heads, num_splits, head_v_pad, dtype=torch.float32, device=device)
         plan.part_max = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
