@@ -33,7 +33,7 @@ import os
 import torch
 
 from ..layout import KV_CACHE_DTYPES, as_cache_dtype, cache_geometry, cache_strides, get_layout
-from .launch import Launcher, interpreting, triton_available
+from .launch import Launcher, _hooks_installed, interpreting, triton_available
 from .reference import paged_decode_attention_ref
 
 __all__ = ["paged_decode_attention", "choose_num_splits", "decode_launch_config"]
@@ -365,7 +365,8 @@ class _Plan:
     """Everything about a call that depends only on metadata: computed once per configuration."""
 
     __slots__ = ("grid", "ints", "consts", "warps", "stages", "splits", "rgrid", "rints", "rconsts",
-                 "part_acc", "part_max", "part_sum", "out_shape", "fp8", "cache_dtype", "dummy")
+                 "part_acc", "part_max", "part_sum", "part_addrs", "out_shape", "fp8", "dummy",
+                 "device_index", "direct", "rdirect")
 
 
 def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
@@ -392,13 +393,11 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
             if t.dtype not in (want, torch.uint8):
                 raise TypeError(f"{name} must be {want} or uint8 for kv_cache_dtype={kv_cache_dtype!r}, got {t.dtype}")
-        cache_dtype = want
     else:
         for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
             if t.dtype != query.dtype:
                 raise TypeError(f"{name} dtype {t.dtype} must equal the query dtype {query.dtype} "
                                 f"with kv_cache_dtype='auto'")
-        cache_dtype = query.dtype
     kc = as_cache_dtype(key_cache, kv_cache_dtype)
     vc = as_cache_dtype(value_cache, kv_cache_dtype)
     num_blocks, block_size, num_kv_heads, head_k, head_v = cache_geometry(kv_layout, kc, vc)
@@ -443,7 +442,8 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
 
     plan = _Plan()
     plan.fp8 = fp8
-    plan.cache_dtype = cache_dtype
+    plan.device_index = device.index
+    plan.direct = plan.rdirect = None  # raw-launch handles, taken after the first aligned call (False: none)
     plan.out_shape = (batch, num_q_heads, head_v)
     group = num_q_heads // num_kv_heads
     rows = max(16, min(_next_pow2(group), _MAX_ROWS))
@@ -499,6 +499,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
                         bool(fp8 and v_scale.numel() > 1))
     else:
         plan.part_acc = plan.part_max = plan.part_sum = plan.dummy
+    plan.part_addrs = (plan.part_acc.data_ptr(), plan.part_max.data_ptr(), plan.part_sum.data_ptr())
     return plan
 
 
@@ -596,21 +597,53 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
 
     if out is None:
         out = torch.empty(plan.out_shape, dtype=query.dtype, device=query.device)
+    ks, vs = (k_scale, v_scale) if plan.fp8 else (plan.dummy, plan.dummy)
+    if plan.direct:
+        # Hot path: this configuration is validated and both kernels are compiled for 16-byte aligned
+        # pointers. Raw addresses go straight to the compiled kernels' C launchers (no per-pointer
+        # data_ptr() / attribute query there, no key building); profilers' launch hooks take the
+        # Launcher path below. (uint8 FP8 caches need no float8 view: the address is the same.)
+        q_a, k_a, v_a, o_a = query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr()
+        bt_a, sl_a, ks_a, vs_a = block_tables.data_ptr(), seq_lens.data_ptr(), ks.data_ptr(), vs.data_ptr()
+        if not (q_a | k_a | v_a | o_a | bt_a | sl_a | ks_a | vs_a) & 15 and not _hooks_installed():
+            stream = torch._C._cuda_getCurrentRawStream(plan.device_index)
+            run, function, metadata = plan.direct
+            g = plan.grid
+            run(g[0], g[1], g[2], stream, function, metadata, None, None, None,
+                q_a, k_a, v_a, bt_a, sl_a, ks_a, vs_a, o_a, *plan.part_addrs, *plan.ints, *plan.consts)
+            if plan.splits > 1:
+                run, function, metadata = plan.rdirect
+                run(plan.rgrid[0], plan.rgrid[1], 1, stream, function, metadata, None, None, None,
+                    *plan.part_addrs, sl_a, vs_a, o_a, *plan.rints, *plan.rconsts)
+            return out
+
     kc, vc = key_cache, value_cache
     if plan.fp8:
-        if kc.dtype == torch.uint8:
-            kc = kc.view(plan.cache_dtype)
-        if vc.dtype == torch.uint8:
-            vc = vc.view(plan.cache_dtype)
-        ks, vs = k_scale, v_scale
-    else:
-        ks = vs = plan.dummy
-    _DECODE(plan.grid, (query, kc, vc, block_tables, seq_lens, ks, vs, out, plan.part_acc, plan.part_max,
-                        plan.part_sum), plan.ints, plan.consts, plan.warps, plan.stages)
+        kc, vc = as_cache_dtype(kc, kv_cache_dtype), as_cache_dtype(vc, kv_cache_dtype)
+    ptrs = (query, kc, vc, block_tables, seq_lens, ks, vs, out, plan.part_acc, plan.part_max, plan.part_sum)
+    _DECODE(plan.grid, ptrs, plan.ints, plan.consts, plan.warps, plan.stages)
+    rptrs = (plan.part_acc, plan.part_max, plan.part_sum, seq_lens, vs, out)
     if plan.splits > 1:
-        _REDUCE(plan.rgrid, (plan.part_acc, plan.part_max, plan.part_sum, seq_lens, vs, out),
-                plan.rints, plan.rconsts, 4, 1)
+        _REDUCE(plan.rgrid, rptrs, plan.rints, plan.rconsts, 4, 1)
+    if plan.direct is None and query.is_cuda and not interpreting() and not any(p.data_ptr() & 15 for p in ptrs):
+        plan.direct = _compiled_handle(_paged_decode_kernel, plan.grid, ptrs, plan.ints, plan.consts, plan.warps,
+                                       plan.stages)
+        if plan.direct and plan.splits > 1:
+            plan.rdirect = _compiled_handle(_paged_decode_reduce_kernel, plan.rgrid, rptrs, plan.rints,
+                                            plan.rconsts, 4, 1)
+            plan.direct = plan.direct if plan.rdirect else False
     return out
+
+
+def _compiled_handle(kernel, grid, ptrs, ints, consts, num_warps, num_stages):
+    """(run, function, packed_metadata) of `kernel` as compiled for these arguments (Triton's cache: no
+    recompilation), for raw-address launches; False when this Triton does not expose them."""
+    try:
+        k = kernel.warmup(*ptrs, *ints, *consts, grid=grid, num_warps=num_warps, num_stages=num_stages)
+        run = k.run  # first: this loads the module, which sets `function`
+        return run, k.function, k.packed_metadata
+    except Exception:  # pragma: no cover - depends on the Triton version
+        return False
 
 
 def _fallback(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
