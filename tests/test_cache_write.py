@@ -363,7 +363,16 @@ def test_direct_launch_path_and_misaligned_inputs():
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
 def test_launch_config_heuristic(num_kv_heads, head_size):
     block_d = cache_write._next_pow2(head_size)
-    for elem in (1, 2, 4):
-        hpp, warps = cache_write._launch_config(num_kv_heads, block_d, elem)
+    for elem, layout, tokens in itertools.product((2, 4), ("NHD", "paged5d"), (1, 4096, 65536)):
+        hpp, warps = cache_write._launch_config(num_kv_heads, block_d, elem, layout, tokens, 132)
         assert hpp & (hpp - 1) == 0 and 1 <= hpp <= cache_write._next_pow2(num_kv_heads)
         assert warps in (1, 2, 4, 8)
+
+
+def test_launch_config_measured_choices():
+    """The H100 choices the notes report: 8 heads x 128 bf16 -> 8 heads per program, 4 warps, 2 warps
+    for a grid of 1-4 waves; 128 heads -> 8 x 4; paged5d -> 4 x 2."""
+    cfg = cache_write._launch_config
+    assert [cfg(8, 128, 2, "NHD", n, 132) for n in (1, 1024, 4096, 8192, 65536)] == [(8, 4), (8, 4), (8, 2), (8, 2), (8, 4)]
+    assert cfg(128, 128, 2, "HND", 4096, 132) == (8, 4)
+    assert cfg(8, 128, 2, "paged5d", 4096, 132) == (4, 2)

@@ -12,8 +12,10 @@ of branching on them (a branch would put the key/value loads behind the slot loa
 The cache is addressed only through `layout.cache_strides`, never through a hard-coded layout.
 
 The launcher validates arguments on the host, once per configuration of shapes / strides / dtypes /
-devices: the checked result is kept as a `_Plan` keyed by that metadata, so a repeated call costs a
-dictionary lookup plus a cached launch (`launch.Launcher`), about the host cost of a CUDA op.
+devices: the checked result is kept as a `_Plan` keyed by that metadata. The first call of a plan
+goes through `launch.Launcher` (compiling if needed); later calls with 16-byte-aligned pointers call
+the compiled kernel's launcher directly with raw addresses. A repeated call costs a dictionary lookup
+plus that launch: about 10 µs of host time on the H100 machine, where a torch `x.add_(1)` costs 7-10.
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ def _reshape_and_cache_kernel(
     if KEY_X == 0:
         k_inner = heads[:, None] * kc_stride_head + dk[None, :] * kc_stride_dim_lo
     else:
-        k_inner = heads[:, None] * kc_stride_head + (dk // KEY_X)[None, :] * kc_stride_dim_hi + (dk % KEY_X)[None, :] * kc_stride_dim_lo
+        k_inner = (heads[:, None] * kc_stride_head + (dk // KEY_X)[None, :] * kc_stride_dim_hi
+                   + (dk % KEY_X)[None, :] * kc_stride_dim_lo)
     v_inner = heads[:, None] * vc_stride_head + dv[None, :] * vc_stride_dim
 
     if FP8_FORMAT != 0:  # bitcast: a uint8 cache holds the same bits as a float8 one
@@ -208,14 +211,17 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _launch_config(num_kv_heads: int, block_d: int, elem_size: int, kv_layout: str = "NHD", fp8: bool = False):
+def _launch_config(num_kv_heads: int, block_d: int, elem_size: int, kv_layout: str = "NHD", num_tokens: int = 0,
+                   num_sms: int = 0) -> tuple[int, int]:
     """(heads_per_program, num_warps) from a small heuristic (H100 measurements in benchmarks/NOTES-write.md).
 
     A program per token (times head blocks) keeps num_tokens out of the kernel: nothing to mask, no
     re-specialisation per batch size. Tiles of about 2 KiB of key and 2 KiB of value per program
     (1 KiB for paged5d, whose scattered value stores favour more, smaller programs), one 16-byte
-    vector per lane; when one program holds a whole token (few heads) and there is no FP8 arithmetic,
-    half the lanes with two vectors each: smaller programs, more of them resident per SM.
+    vector per lane. When one program holds a whole token (few heads) and the grid is a few waves of
+    such programs, half the lanes with two vectors each: twice as many programs fit on an SM at once
+    (up to its 32-block limit), so the grid runs in fewer waves (4096 tokens x 8 heads: one wave
+    instead of two, 17.9 -> 16.8 us on an H100; at one wave or many it makes no difference or costs).
     """
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
@@ -223,9 +229,22 @@ def _launch_config(num_kv_heads: int, block_d: int, elem_size: int, kv_layout: s
     hpp = min(_next_pow2(num_kv_heads), max(1, tile // block_d))
     vec = 16 // elem_size
     num_warps = max(1, min(8, hpp * block_d // (vec * 32)))
-    if kv_layout != "paged5d" and not fp8 and hpp >= num_kv_heads and num_warps > 1:
-        num_warps //= 2
+    if kv_layout != "paged5d" and hpp >= num_kv_heads and num_warps > 1 and num_sms:
+        resident = num_sms * min(32, 64 // num_warps)  # programs an SM holds at once (64 warps, 32 blocks)
+        if resident < num_tokens <= 4 * resident:
+            num_warps //= 2
     return hpp, num_warps
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+_SM_COUNT: dict = {}
 
 
 class _Plan:
@@ -246,7 +265,8 @@ def _check_tensor(name, t):
 
 def _check_scale(name, s, num_kv_heads, device):
     if s is None:
-        _fail(ValueError, f"{name} is required with an FP8 kv_cache_dtype (a float32 tensor of 1 or num_kv_heads elements)")
+        _fail(ValueError, f"{name} is required with an FP8 kv_cache_dtype "
+                          "(a float32 tensor of 1 or num_kv_heads elements)")
     _check_tensor(name, s)
     if s.dtype != torch.float32:
         _fail(TypeError, f"{name} must be float32, got {s.dtype}")
@@ -299,20 +319,25 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
         if fp8 == 0 and c.dtype != key.dtype:
             _fail(TypeError, f"{name} must have key's dtype {key.dtype} with kv_cache_dtype='auto', got {c.dtype}")
         if fp8 and c.dtype not in (_FP8_TORCH[fp8], torch.uint8):
-            _fail(TypeError, f"{name} must be {_FP8_TORCH[fp8]} or uint8 with kv_cache_dtype={kv_cache_dtype!r}, got {c.dtype}")
+            _fail(TypeError, f"{name} must be {_FP8_TORCH[fp8]} or uint8 with kv_cache_dtype={kv_cache_dtype!r}, "
+                             f"got {c.dtype}")
     num_blocks, block_size, num_kv_heads, head_size_k, head_size_v = cache_geometry(kv_layout, key_cache, value_cache)
     if min(num_blocks, block_size, num_kv_heads, head_size_k, head_size_v) < 1:
-        _fail(ValueError, f"caches must be non-empty, got key_cache {tuple(key_cache.shape)}, value_cache {tuple(value_cache.shape)}")
+        _fail(ValueError, f"caches must be non-empty, got key_cache {tuple(key_cache.shape)}, "
+                          f"value_cache {tuple(value_cache.shape)}")
     if kv_layout != "NHD" and head_size_k != head_size_v:
-        _fail(ValueError, f"key and value head sizes differ ({head_size_k} vs {head_size_v}): only kv_layout='NHD' supports that")
+        _fail(ValueError, f"key and value head sizes differ ({head_size_k} vs {head_size_v}): "
+                          "only kv_layout='NHD' supports that")
     for name, t, d in (("key", key, head_size_k), ("value", value, head_size_v)):
         if t.shape[1] != num_kv_heads or t.shape[2] != d:
-            _fail(ValueError, f"{name} must be [num_tokens, {num_kv_heads}, {d}] to match the cache, got {tuple(t.shape)}")
+            _fail(ValueError, f"{name} must be [num_tokens, {num_kv_heads}, {d}] to match the cache, "
+                              f"got {tuple(t.shape)}")
     ks = cache_strides(kv_layout, key_cache, True)
     vs = cache_strides(kv_layout, value_cache, False)
     key_x = ks.x if lay.splits_key_dim else 0
     if key_x and key_x != 16 // key_cache.element_size():
-        _fail(ValueError, f"key_cache's last dim must be x = 16 // element size = {16 // key_cache.element_size()}, got {key_x}")
+        _fail(ValueError, f"key_cache's last dim must be x = 16 // element size = {16 // key_cache.element_size()}, "
+                          f"got {key_x}")
     if key_x and (ks.slot % key_x or ks.dim_lo != 1):
         _fail(ValueError, f"key_cache must hold contiguous x-element chunks (strides {key_cache.stride()})")
     if fp8:
@@ -320,9 +345,11 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
         _check_scale("v_scale", v_scale, num_kv_heads, device)
 
     # within-block (and within-token) offsets are int32 in the kernel
-    inner_k = (num_kv_heads - 1) * abs(ks.head) + (block_size - 1) * abs(ks.slot) + (head_size_k - 1) * max(abs(ks.dim_hi), abs(ks.dim_lo))
+    inner_k = ((num_kv_heads - 1) * abs(ks.head) + (block_size - 1) * abs(ks.slot)
+               + (head_size_k - 1) * max(abs(ks.dim_hi), abs(ks.dim_lo)))
     inner_v = (num_kv_heads - 1) * abs(vs.head) + (block_size - 1) * abs(vs.slot) + (head_size_v - 1) * abs(vs.dim_lo)
-    inner_in = max((num_kv_heads - 1) * abs(key.stride(1)) + head_size_k, (num_kv_heads - 1) * abs(value.stride(1)) + head_size_v)
+    inner_in = max((num_kv_heads - 1) * abs(key.stride(1)) + head_size_k,
+                   (num_kv_heads - 1) * abs(value.stride(1)) + head_size_v)
     if max(inner_k, inner_v, inner_in) > _INT32_MAX:
         _fail(ValueError, "one cache block (or one token of key/value) spans more than 2**31 elements")
 
@@ -336,7 +363,8 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     plan.device_index = device.index if direct else None
     plan.compiled = None  # the compiled kernel's launch handle, after the first aligned call; False: none
     block_dk, block_dv = _next_pow2(head_size_k), _next_pow2(head_size_v)
-    hpp, num_warps = _launch_config(num_kv_heads, max(block_dk, block_dv), key.element_size(), kv_layout, bool(fp8))
+    hpp, num_warps = _launch_config(num_kv_heads, max(block_dk, block_dv), key.element_size(), kv_layout, num_tokens,
+                                    _num_sms(device))
     num_head_blocks = -(-num_kv_heads // hpp)
     plan.grid = (num_tokens * num_head_blocks,)
     plan.num_warps = num_warps
@@ -370,7 +398,8 @@ def _signature(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
 def _check_slots(slot_mapping, num_slots):
     """MINIATTN_DEBUG: slot ids must be < num_slots (syncs the device)."""
     if slot_mapping.numel() and int(slot_mapping.max()) >= num_slots:
-        raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())} >= num_slots = num_blocks * block_size = {num_slots}")
+        raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())} >= "
+                         f"num_slots = num_blocks * block_size = {num_slots}")
 
 
 def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
@@ -400,12 +429,13 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
         # Hot path: everything was validated for this configuration; the kernel is compiled for all
         # pointers 16-byte aligned. Raw addresses spare Triton's C launcher a data_ptr() call and a
         # cuPointerGetAttribute per pointer; a profiler's launch hooks need the full path below.
-        ptrs = (key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr(),
-                k_scale.data_ptr(), v_scale.data_ptr())
-        if (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4] | ptrs[5] | ptrs[6]) & 15 == 0 and not launch._hooks_installed():
+        k, v, sm = key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr()
+        kc, vc = key_cache.data_ptr(), value_cache.data_ptr()
+        ks, vs = (k_scale.data_ptr(), v_scale.data_ptr()) if plan.fp8 else (sm, sm)
+        if (k | v | kc | vc | sm | ks | vs) & 15 == 0 and not launch._hooks_installed():
             run, function, metadata = plan.compiled
             run(plan.grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(plan.device_index), function, metadata,
-                None, None, None, *ptrs, *plan.ints, *plan.consts)
+                None, None, None, k, v, kc, vc, sm, ks, vs, *plan.ints, *plan.consts)
             return
     ptrs = (key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     _LAUNCH(plan.grid, ptrs, plan.ints, plan.consts, plan.num_warps)
@@ -472,7 +502,8 @@ def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv
     True
     """
     if kv_layout not in _FLASH_LAYOUTS:
-        raise ValueError(f"kv_layout must be 'NHD' or 'HND' for reshape_and_cache_flash (paged5d: reshape_and_cache), got {kv_layout!r}")
+        raise ValueError("kv_layout must be 'NHD' or 'HND' for reshape_and_cache_flash "
+                         f"(paged5d: reshape_and_cache), got {kv_layout!r}")
     _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
 
 
