@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--layouts", default="NHD,HND,paged5d")
     p.add_argument("--kv-cache-dtypes", default="auto,fp8")
-    p.add_argument("--peers", default="sdpa,flashinfer,fa4", help="comma list of sdpa, flashinfer, flashinfer_tc, fa4")
+    p.add_argument("--peers", default="sdpa,flashinfer,flashinfer_tc,fa4", help="comma list of sdpa, flashinfer, flashinfer_tc, fa4")
     p.add_argument("--modes", default="graph,eager,host")
     p.add_argument("--all-modes-max-tokens", type=int, default=16 * 4096,
                    help="eager/host are timed only where batch x ctx <= this (they equal graph beyond)")
@@ -373,7 +373,7 @@ def run_tune(a):
                 continue
             plan = next(iter(decode_mod._PLANS.values()))
             gb = timing.gbps(kv_bytes(batch, ctx, a, elem), us)
-            used = real_cfg(a.head_size, a.head_size, elem, a.block_size) if cfg is None else cfg
+            used = (plan.consts[1], plan.warps, plan.stages) if cfg is None else cfg
             rows.append(dict(batch=batch, ctx=ctx, cache=cdt, layout=lay, cfg=str(used), splits=plan.splits,
                              forced_splits=ns, us=us, gbps=gb, pct=100 * gb / ceiling))
             print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} {lay:<8} cfg={str(used):<13} splits={plan.splits:<3} "

@@ -223,14 +223,26 @@ def test_plan_reused_with_new_lengths():
 
 
 def test_fallback_without_triton(monkeypatch):
-    """Without Triton (or CPU tensors outside the interpreter) the reference runs, cast to the query dtype."""
+    """Without Triton the reference runs, cast to the query dtype (and written into `out`)."""
     _seed("fallback")
-    case = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in
-            make_case("HND", 4, 2, 64, 16, (5, 0, 20)).items()}
-    monkeypatch.setattr(decode_mod, "interpreting", lambda: False)
+    case = make_case("HND", 4, 2, 64, 16, (5, 0, 20))
+    monkeypatch.setattr(decode_mod, "_TRITON", False)
     out = paged_decode_attention(**case)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, paged_decode_attention_ref(**case)) <= 1e-2
+    buf = torch.empty_like(out)
+    assert paged_decode_attention(**case, out=buf) is buf and torch.equal(buf, out)
+
+
+def test_max_seq_len_hint():
+    """The hint only picks the split factor: any hint, even below the real lengths, is correct."""
+    _seed("hint")
+    case = make_case("NHD", 4, 1, 64, 16, (700, 3, 0), extra_blocks=30)
+    splits = set()
+    for hint in (1, 64, 700, 5000):
+        check(case, 1e-2, max_seq_len=hint)
+        splits.add(list(decode_mod._PLANS.values())[-1].splits)
+    assert len(splits) > 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,6 +276,8 @@ def _bad_cases():
         (ValueError, "scale", mod(scale=-1.0)),
         (ValueError, "num_splits", mod(num_splits=0)),
         (ValueError, "max_seq_len", mod(max_seq_len=-3)),
+        (ValueError, "max_seq_len", mod(max_seq_len=2.5)),
+        (ValueError, "seq_lens", mod(seq_lens=torch.zeros(4, dtype=torch.int32, device=DEVICE)[::2])),
         (ValueError, "out", mod(out=torch.empty(2, 4, 32, dtype=q.dtype, device=DEVICE))),
         (TypeError, "out", mod(out=torch.empty(2, 4, 64, dtype=torch.float16, device=DEVICE))),
         (ValueError, "k_scale", mod(fp8, k_scale=None)),

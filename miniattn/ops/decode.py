@@ -311,28 +311,39 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
-def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: int, block_size: int):
-    """(BLOCK_N, num_warps, num_stages, programs_per_sm) of the main kernel.
+def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: int, base_programs: int,
+                         sm_count: int):
+    """(BLOCK_N, num_warps, num_stages, programs_per_sm) of the main kernel, for `base_programs` =
+    batch x kv heads (x row chunks) programs before any split.
 
-    About 16 KB of keys per loop step: 64 tokens x 128 x 2 B (32 for head sizes over 128), 128 FP8
-    tokens. programs_per_sm is how many programs the split heuristic wants resident per SM: 4 for
-    16-bit caches (98 registers, 38 KB of shared memory on sm_90), 2 for FP8 (196 registers).
-    Measured on an H100 (benchmarks/NOTES-decode.md): deeper pipelines (num_stages 3-5) and 8 warps
-    were no faster."""
+    About 16 KB of keys per loop step: 64 tokens x 128 x 2 B (32 tokens for head sizes over 128).
+    programs_per_sm is how many programs fit on an SM at once (sm_90: 98 registers and 38 KB of shared
+    memory for 16-bit caches), which the split heuristic fills. FP8, measured on an H100: 128-token
+    steps (196 registers, 2 per SM) when the batch is small; with at least two programs per SM before
+    splitting, 64-token steps pipelined 5 deep (145 registers, 3 per SM) are 5-10% faster. Deeper
+    pipelines and 8 warps were no faster for 16-bit caches (benchmarks/NOTES-decode.md)."""
     head = max(head_size_k, head_size_v)
     if cache_elem_bytes == 1 and head <= 128:
-        return 128, 4, 2, 2
+        return (64, 4, 5, 3) if base_programs >= 2 * sm_count else (128, 4, 2, 2)
     return (64 if head <= 128 else 32), 4, 2, 4
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int,
                       programs_per_sm: int = 4) -> int:
-    """Split-KV factor: the largest power of two with batch x kv_heads x splits <= programs_per_sm x
-    sm_count (one wave of resident programs), at least MIN_TILES_PER_SPLIT tiles of BLOCK_N tokens per
-    split of a `max_len`-token sequence, at most MAX_SPLITS. 1 when the batch alone fills the GPU."""
+    """Split-KV factor (a power of two) for batch x kv_heads rows of up to `max_len` tokens.
+
+    Fills one wave of resident programs (programs_per_sm x sm_count slots): the largest power of
+    two with batch x kv_heads x splits <= slots. When the rows alone exceed the slots but fill less
+    than 1.5 waves, 2 splits, so that the last wave is not mostly empty. At least
+    MIN_TILES_PER_SPLIT tiles of BLOCK_N tokens per split, at most MAX_SPLITS."""
     base = max(1, batch * num_kv_heads)
+    slots = programs_per_sm * sm_count
+    if base <= slots:
+        n = slots // base
+    else:
+        n = 2 if 2 * base < 3 * slots else 1
     tiles = -(-max(1, max_len) // block_n)
-    n = min(programs_per_sm * sm_count // base, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS)
+    n = min(n, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS)
     if n <= 1:
         return 1
     return 1 << (n.bit_length() - 1)  # round down to a power of two
@@ -420,6 +431,10 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         raise TypeError(f"seq_lens must be int32, got {seq_lens.dtype}")
     if seq_lens.dim() != 1 or seq_lens.shape[0] != batch:
         raise ValueError(f"seq_lens must be [batch={batch}], got shape {tuple(seq_lens.shape)}")
+    if batch > 1 and seq_lens.stride(0) != 1:
+        raise ValueError("seq_lens must be contiguous")
+    if batch > 65535:  # the grid's third axis
+        raise ValueError(f"query's batch must be <= 65535, got {batch}")
     if fp8:
         _check_scale("k_scale", k_scale, num_kv_heads, device)
         _check_scale("v_scale", v_scale, num_kv_heads, device)
@@ -448,12 +463,14 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     group = num_q_heads // num_kv_heads
     rows = max(16, min(_next_pow2(group), _MAX_ROWS))
     row_chunks = -(-group // rows)
-    block_n, warps, stages, per_sm = decode_launch_config(head_k, head_v, kc.element_size(), block_size)
+    sm_count = _sm_count(device)
+    block_n, warps, stages, per_sm = decode_launch_config(head_k, head_v, kc.element_size(),
+                                                          batch * num_kv_heads * row_chunks, sm_count)
 
     capacity = block_tables.shape[1] * block_size
     bucket = capacity if max_seq_len is None else min(_next_pow2(max(max_seq_len, 1)), max(capacity, 1))
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, _sm_count(device), per_sm)
+        num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, sm_count, per_sm)
     plan.splits = num_splits
 
     ks = cache_strides(kv_layout, kc, is_key=True)
@@ -503,7 +520,10 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     return plan
 
 
+#: plans by metadata key. Never evicted: a captured CUDA graph keeps the raw addresses of its plan's
+#: scratch buffers, which must outlive it (a few MB at most per configuration).
 _PLANS: dict = {}
+_TRITON = triton_available()
 
 
 def _debug_checks(block_tables, seq_lens, num_blocks, block_size):
@@ -573,8 +593,11 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
                key_cache.shape, key_cache.stride(), key_cache.dtype, key_cache.device,
                value_cache.shape, value_cache.stride(), value_cache.dtype, value_cache.device,
                block_tables.shape, block_tables.stride(), block_tables.dtype, block_tables.device,
-               seq_lens.shape, seq_lens.dtype, seq_lens.device,
-               kv_layout, scale, kv_cache_dtype, num_splits, max_seq_len,
+               seq_lens.shape, seq_lens.stride(), seq_lens.dtype, seq_lens.device,
+               kv_layout, scale, kv_cache_dtype, num_splits,
+               # max_seq_len by its power-of-two bucket (what the plan uses); invalid values stay as
+               # they are, match no valid plan and fail validation
+               max_seq_len if max_seq_len is None or max_seq_len <= 0 else (max_seq_len - 1).bit_length() + 1,
                None if out is None else (out.shape, out.stride(), out.dtype, out.device),
                None if k_scale is None else (k_scale.shape, k_scale.dtype, k_scale.device),
                None if v_scale is None else (v_scale.shape, v_scale.dtype, v_scale.device))
@@ -591,7 +614,7 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
         num_blocks, block_size = cache_geometry(kv_layout, key_cache, value_cache)[:2]
         _debug_checks(block_tables, seq_lens, num_blocks, block_size)
 
-    if not query.is_cuda and not (triton_available() and interpreting()):
+    if not _TRITON or not (query.is_cuda or interpreting()):
         return _fallback(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale,
                          kv_cache_dtype, k_scale, v_scale, out)
 
