@@ -198,51 +198,19 @@ if triton_available():
             m_i = m_new
 
         if NUM_SPLITS == 1:
-            _store_rows(out_rows_ptr, acc, l_i, row_ok[:, None] & dv_ok[None, :], v_scale_ptr, kvh,
-                        FP8, V_SCALE_PER_HEAD)
+            inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0: acc is 0 -> zeros, never NaN
+            if FP8:
+                if V_SCALE_PER_HEAD:
+                    inv = inv * tl.load(v_scale_ptr + kvh)
+                else:
+                    inv = inv * tl.load(v_scale_ptr)
+            tl.store(out_rows_ptr, (acc * inv[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & dv_ok[None, :])
         else:
             part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + split  # [ROWS]
             tl.store(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], acc, mask=row_ok[:, None])
             tl.store(part_max_ptr + part_row, m_i, mask=row_ok)
             tl.store(part_sum_ptr + part_row, l_i, mask=row_ok)
-
-    @triton.jit
-    def _store_rows(out_rows_ptr, acc, l_i, mask, v_scale_ptr, kvh, FP8: tl.constexpr,
-                    V_SCALE_PER_HEAD: tl.constexpr):
-        """out rows = acc / l (x v_scale for FP8); rows with l == 0 (no tokens) get zeros, never NaN."""
-        inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
-        if FP8:
-            if V_SCALE_PER_HEAD:
-                inv = inv * tl.load(v_scale_ptr + kvh)
-            else:
-                inv = inv * tl.load(v_scale_ptr)
-        tl.store(out_rows_ptr, (acc * inv[:, None]).to(out_rows_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _merge_head(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, qh, num_pieces, num_q_heads,
-                    o_stride_b, o_stride_h, o_stride_d, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
-                    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, FP8: tl.constexpr,
-                    V_SCALE_PER_HEAD: tl.constexpr):
-        """out[b, qh] = the merge of that head's first `num_pieces` partials (flash-decoding rescale)."""
-        sp = tl.arange(0, SPLITS_PAD)
-        sp_ok = sp < num_pieces
-        dv = tl.arange(0, HEAD_V_PAD)
-        part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + sp  # [SPLITS_PAD]
-        m = tl.load(part_max_ptr + part_row, mask=sp_ok, other=float("-inf"))
-        l = tl.load(part_sum_ptr + part_row, mask=sp_ok, other=0.0)
-        acc = tl.load(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], mask=sp_ok[:, None], other=0.0)
-        m_all = tl.maximum(tl.max(m, 0), -1e30)  # finite even with no valid piece: no inf - inf
-        w = tl.where(sp_ok, tl.exp2(m - m_all), 0.0)
-        o = tl.sum(acc * w[:, None], 0)  # [HEAD_V_PAD]
-        denom = tl.sum(w * l, 0)
-        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)  # seq_len 0: o is 0 -> zeros
-        if FP8:
-            if V_SCALE_PER_HEAD:
-                inv = inv * tl.load(v_scale_ptr + qh // GROUP)
-            else:
-                inv = inv * tl.load(v_scale_ptr)
-        tl.store(out_ptr + b.to(tl.int64) * o_stride_b + qh * o_stride_h + dv * o_stride_d,
-                 (o * inv).to(out_ptr.dtype.element_ty), mask=dv < HEAD_V)
 
     @triton.jit
     def _paged_decode_reduce_kernel(
@@ -271,9 +239,27 @@ if triton_available():
         seq_len = tl.load(seq_lens_ptr + b)
         split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
         num_pieces = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # pieces the main kernel wrote
-        _merge_head(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, qh, num_pieces, num_q_heads,
-                    o_stride_b, o_stride_h, o_stride_d, HEAD_V, HEAD_V_PAD, GROUP, NUM_SPLITS, SPLITS_PAD, FP8,
-                    V_SCALE_PER_HEAD)
+
+        # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the pieces s (flash-decoding)
+        sp = tl.arange(0, SPLITS_PAD)
+        sp_ok = sp < num_pieces
+        dv = tl.arange(0, HEAD_V_PAD)
+        part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + sp  # [SPLITS_PAD]
+        m = tl.load(part_max_ptr + part_row, mask=sp_ok, other=float("-inf"))
+        l = tl.load(part_sum_ptr + part_row, mask=sp_ok, other=0.0)
+        acc = tl.load(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], mask=sp_ok[:, None], other=0.0)
+        m_all = tl.maximum(tl.max(m, 0), -1e30)  # finite even with no valid piece: no inf - inf
+        w = tl.where(sp_ok, tl.exp2(m - m_all), 0.0)
+        o = tl.sum(acc * w[:, None], 0)  # [HEAD_V_PAD]
+        denom = tl.sum(w * l, 0)
+        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)  # seq_len 0: o is 0 -> zeros
+        if FP8:
+            if V_SCALE_PER_HEAD:
+                inv = inv * tl.load(v_scale_ptr + qh // GROUP)
+            else:
+                inv = inv * tl.load(v_scale_ptr)
+        tl.store(out_ptr + b.to(tl.int64) * o_stride_b + qh * o_stride_h + dv * o_stride_d,
+                 (o * inv).to(out_ptr.dtype.element_ty), mask=dv < HEAD_V)
 
     _DECODE = Launcher(_paged_decode_kernel)
     _REDUCE = Launcher(_paged_decode_reduce_kernel)
