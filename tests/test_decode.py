@@ -112,6 +112,15 @@ def test_matches_reference(layout, qh, kvh, head_size, block_size, dtype):
     check(case, 1e-2)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float32_exact(layout):
+    """float32 queries and caches run exact (ieee) fp32 dots: far tighter than the 16-bit tolerance."""
+    _seed(layout, "fp32")
+    case = make_case(layout, 8, 2, 64, 8, (1, 8, 9, 0, 23), dtype=torch.float32)
+    check(case, 1e-5)
+    check(case, 1e-5, num_splits=3)
+
+
 @pytest.mark.parametrize("layout,kv_cache_dtype,per_head,head_size,as_uint8", [
     ("NHD", "fp8", False, 128, False),
     ("HND", "fp8_e4m3", True, 64, True),

@@ -39,7 +39,7 @@ from .reference import paged_decode_attention_ref
 __all__ = ["paged_decode_attention", "choose_num_splits", "decode_launch_config"]
 
 _LOG2E = 1.4426950408889634
-_QUERY_DTYPES = (torch.float16, torch.bfloat16)
+_QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP8_NAMES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _MAX_HEAD_SIZE = 256
 _MAX_ROWS = 64  # q rows one program holds; larger GQA groups are cut into row chunks
@@ -89,6 +89,7 @@ if triton_available():
         K_SCALE_PER_HEAD: tl.constexpr,
         V_SCALE_PER_HEAD: tl.constexpr,
         DOT_F32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 as raw bits, so widen first
+        IEEE: tl.constexpr,  # float32 queries and caches: exact fp32 dots (no tf32)
     ):
         split = tl.program_id(0)
         pid_h = tl.program_id(1)
@@ -175,6 +176,8 @@ if triton_available():
                 k = k.to(q.dtype)
             if DOT_F32:
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+            elif IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
             s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
@@ -192,6 +195,8 @@ if triton_available():
                 v = tl.where(t_ok[:, None], v, 0.0)  # p is 0 there, but 0 * (garbage inf/nan) is not
             if DOT_F32:
                 pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32))
+            elif IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
             else:
                 pv = tl.dot(p.to(q.dtype), v)
             acc = acc * alpha[:, None] + pv
@@ -378,7 +383,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     if query.dim() != 3:
         raise ValueError(f"query must be [batch, num_q_heads, head_size], got shape {tuple(query.shape)}")
     if query.dtype not in _QUERY_DTYPES:
-        raise TypeError(f"query must be float16 or bfloat16, got {query.dtype}")
+        raise TypeError(f"query must be float16, bfloat16 or float32, got {query.dtype}")
     device = query.device
     for name, t in (("key_cache", key_cache), ("value_cache", value_cache), ("block_tables", block_tables),
                     ("seq_lens", seq_lens)):
@@ -486,6 +491,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         row_chunks, num_splits, fp8,
         bool(fp8 and k_scale.numel() > 1), bool(fp8 and v_scale.numel() > 1),
         device.type != "cuda" and query.dtype == torch.bfloat16 and not fp8,
+        query.dtype == torch.float32 and not fp8,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
     plan.warps, plan.stages = warps, stages
@@ -534,7 +540,8 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
 
     Parameters
     ----------
-    query : [batch, num_q_heads, head_size] float16 / bfloat16.
+    query : [batch, num_q_heads, head_size] float16 / bfloat16 / float32 (float32 runs exact fp32 dots:
+        a test/CPU path, slower on the GPU than the 16-bit types).
     key_cache, value_cache : one layer's caches in `kv_layout` ("NHD", "HND" or "paged5d", see
         `miniattn.layout`), in the query dtype or, with an FP8 `kv_cache_dtype`, float8 / uint8.
         Views are fine (e.g. the halves of `layout.split_combined_cache`: key and value head sizes
