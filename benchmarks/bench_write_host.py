@@ -67,7 +67,7 @@ def main():
     x = torch.zeros(16, device=dev)
     rows = []
     print(f"# CPU: {cpu_name()}; python {platform.python_version()}; torch {torch.__version__}; "
-          f"hooks installed: {launch._hooks_installed()}")
+          f"hooks installed: {launch.hooks_installed()}")
     for n in [int(t) for t in args.tokens.split(",")]:
         qkv = torch.randn(n, 4 * h, d, device=dev, dtype=dt)  # fused qkv: key/value are strided views
         key, value = qkv[:, 2 * h:3 * h], qkv[:, 3 * h:]
@@ -89,7 +89,7 @@ def main():
             "op (public call)": per_call_us(op),
             "signature + plan lookup": per_call_us(lambda: cw._PLANS.get(
                 cw._signature("NHD", key, value, kc, vc, slots, "auto", None, None))),
-            "MINIATTN_DEBUG check": per_call_us(cw._debug_enabled),
+            "MINIATTN_DEBUG check": per_call_us(launch.debug_enabled),
             "os.environ.get": per_call_us(lambda: os.environ.get("MINIATTN_DEBUG", "0")),
             "Launcher call (tensors)": per_call_us(lambda: cw._LAUNCH(g, ptrs, plan.ints, plan.consts, plan.num_warps)),
             "run() tensor ptrs": per_call_us(lambda: plan_run(g[0], 1, 1, stream, function, metadata, None, None, None,

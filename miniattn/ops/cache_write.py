@@ -20,7 +20,6 @@ plus that launch: about 10 µs of host time on the H100 machine, where a torch `
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -414,7 +413,7 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[sig] = plan
-    if _debug_enabled():
+    if launch.debug_enabled():
         _check_slots(slot_mapping, plan.num_slots)
     if plan.num_tokens == 0:
         return
@@ -432,7 +431,7 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
         k, v, sm = key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr()
         kc, vc = key_cache.data_ptr(), value_cache.data_ptr()
         ks, vs = (k_scale.data_ptr(), v_scale.data_ptr()) if plan.fp8 else (sm, sm)
-        if (k | v | kc | vc | sm | ks | vs) & 15 == 0 and not launch._hooks_installed():
+        if (k | v | kc | vc | sm | ks | vs) & 15 == 0 and not launch.hooks_installed():
             run, function, metadata = plan.compiled
             run(plan.grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(plan.device_index), function, metadata,
                 None, None, None, k, v, kc, vc, sm, ks, vs, *plan.ints, *plan.consts)
@@ -440,30 +439,8 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
     ptrs = (key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     _LAUNCH(plan.grid, ptrs, plan.ints, plan.consts, plan.num_warps)
     if plan.compiled is None and plan.device_index is not None and not any(p.data_ptr() & 15 for p in ptrs):
-        plan.compiled = _compiled_handle(plan, ptrs)
-
-
-def _compiled_handle(plan, ptrs):
-    """(run, function, metadata) of the kernel compiled for `plan` (pointers 16-byte aligned), or False."""
-    try:
-        k = _reshape_and_cache_kernel.warmup(*ptrs, *plan.ints, *plan.consts, grid=plan.grid, num_warps=plan.num_warps,
-                                             num_stages=1)
-        run = k.run  # first: loads the module, so that `function` is set
-        return run, k.function, k.packed_metadata
-    except Exception:  # pragma: no cover - a Triton without these attributes: stay on the Launcher
-        return False
-
-
-try:  # MINIATTN_DEBUG is read at every call: straight from the environment's dict (os.environ.get
-    # costs a raised-and-caught KeyError when the variable is unset)
-    _ENV, _DEBUG_KEY = os.environ._data, os.environ.encodekey("MINIATTN_DEBUG")
-except AttributeError:  # pragma: no cover - not CPython's os.environ
-    _ENV = None
-
-
-def _debug_enabled() -> bool:
-    v = _ENV.get(_DEBUG_KEY) if _ENV is not None else os.environ.get("MINIATTN_DEBUG")
-    return v not in (None, b"", b"0", "", "0")
+        plan.compiled = launch.compiled_handle(_reshape_and_cache_kernel, plan.grid, ptrs, plan.ints, plan.consts,
+                                               plan.num_warps)
 
 
 def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype="auto",

@@ -28,12 +28,11 @@ clearing. Because the split length is derived on the device, the grid depends on
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from ..layout import KV_CACHE_DTYPES, as_cache_dtype, cache_geometry, cache_strides, get_layout
-from .launch import Launcher, _hooks_installed, interpreting, triton_available
+from .launch import Launcher, compiled_handle, debug_enabled, hooks_installed, interpreting, triton_available
 from .reference import paged_decode_attention_ref
 
 __all__ = ["paged_decode_attention", "choose_num_splits", "decode_launch_config"]
@@ -603,7 +602,7 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
         if key is not None:
             _PLANS[key] = plan
 
-    if os.environ.get("MINIATTN_DEBUG", "0") not in ("", "0"):
+    if debug_enabled():
         num_blocks, block_size = cache_geometry(kv_layout, key_cache, value_cache)[:2]
         _debug_checks(block_tables, seq_lens, num_blocks, block_size)
 
@@ -621,7 +620,7 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
         # Launcher path below. (uint8 FP8 caches need no float8 view: the address is the same.)
         q_a, k_a, v_a, o_a = query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr()
         bt_a, sl_a, ks_a, vs_a = block_tables.data_ptr(), seq_lens.data_ptr(), ks.data_ptr(), vs.data_ptr()
-        if not (q_a | k_a | v_a | o_a | bt_a | sl_a | ks_a | vs_a) & 15 and not _hooks_installed():
+        if not (q_a | k_a | v_a | o_a | bt_a | sl_a | ks_a | vs_a) & 15 and not hooks_installed():
             stream = torch._C._cuda_getCurrentRawStream(plan.device_index)
             run, function, metadata = plan.direct
             g = plan.grid
@@ -642,24 +641,13 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
     if plan.splits > 1:
         _REDUCE(plan.rgrid, rptrs, plan.rints, plan.rconsts, 4, 1)
     if plan.direct is None and query.is_cuda and not interpreting() and not any(p.data_ptr() & 15 for p in ptrs):
-        plan.direct = _compiled_handle(_paged_decode_kernel, plan.grid, ptrs, plan.ints, plan.consts, plan.warps,
+        plan.direct = compiled_handle(_paged_decode_kernel, plan.grid, ptrs, plan.ints, plan.consts, plan.warps,
                                        plan.stages)
         if plan.direct and plan.splits > 1:
-            plan.rdirect = _compiled_handle(_paged_decode_reduce_kernel, plan.rgrid, rptrs, plan.rints,
+            plan.rdirect = compiled_handle(_paged_decode_reduce_kernel, plan.rgrid, rptrs, plan.rints,
                                             plan.rconsts, 4, 1)
             plan.direct = plan.direct if plan.rdirect else False
     return out
-
-
-def _compiled_handle(kernel, grid, ptrs, ints, consts, num_warps, num_stages):
-    """(run, function, packed_metadata) of `kernel` as compiled for these arguments (Triton's cache: no
-    recompilation), for raw-address launches; False when this Triton does not expose them."""
-    try:
-        k = kernel.warmup(*ptrs, *ints, *consts, grid=grid, num_warps=num_warps, num_stages=num_stages)
-        run = k.run  # first: this loads the module, which sets `function`
-        return run, k.function, k.packed_metadata
-    except Exception:  # pragma: no cover - depends on the Triton version
-        return False
 
 
 def _fallback(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,

@@ -36,7 +36,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _hooks_installed() -> bool:
+def hooks_installed() -> bool:
     """True when a launch hook is set (Triton >= 3.4 keeps them in `HookChain`s that may be empty)."""
     rt = getattr(_knobs, "runtime", None)
     if rt is None:
@@ -64,7 +64,7 @@ class Launcher:
             align = (align << 1) | (p.data_ptr() & 15 == 0)
         key = (dev.index, align, ints, consts, num_warps, num_stages, tuple(p.dtype for p in ptrs))
         hit = self._compiled.get(key)
-        if hit is None or _hooks_installed():
+        if hit is None or hooks_installed():
             compiled = self.kernel[grid](*ptrs, *ints, *consts, num_warps=num_warps, num_stages=num_stages)
             if hit is None and compiled is not None and hasattr(compiled, "run"):
                 self._compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata)
@@ -74,3 +74,32 @@ class Launcher:
         g2 = grid[2] if len(grid) > 2 else 1
         stream = torch._C._cuda_getCurrentRawStream(dev.index)
         run(grid[0], g1, g2, stream, function, metadata, None, None, None, *ptrs, *ints, *consts)
+
+
+def compiled_handle(kernel, grid, ptrs, ints, consts, num_warps, num_stages=1):
+    """(run, function, packed_metadata) of `kernel` as compiled for these arguments, or False.
+
+    For raw-address launches on a hot path: ``run(g0, g1, g2, stream, function, metadata, None, None,
+    None, *addresses, *ints, *consts)``. The kernel comes from Triton's own cache (no recompilation);
+    False when this Triton does not expose these attributes (then stay on `Launcher`). The caller must
+    only use the handle for arguments with the same ints/consts and 16-byte aligned pointers.
+    """
+    try:
+        k = kernel.warmup(*ptrs, *ints, *consts, grid=grid, num_warps=num_warps, num_stages=num_stages)
+        run = k.run  # first: this loads the module, which sets `function`
+        return run, k.function, k.packed_metadata
+    except Exception:  # pragma: no cover - depends on the Triton version
+        return False
+
+
+try:  # MINIATTN_DEBUG is read at every call, straight from the environment's dict (os.environ.get
+    # costs a raised-and-caught KeyError when the variable is unset)
+    _ENV, _DEBUG_KEY = os.environ._data, os.environ.encodekey("MINIATTN_DEBUG")
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _ENV = None
+
+
+def debug_enabled() -> bool:
+    """True when MINIATTN_DEBUG is set to something other than "" or "0" (read now, cheaply)."""
+    v = _ENV.get(_DEBUG_KEY) if _ENV is not None else os.environ.get("MINIATTN_DEBUG")
+    return v not in (None, b"", b"0", "", "0")
