@@ -191,7 +191,7 @@ def _print_breakdown(engine, torch, StepTimer, batch, ctx, cuda) -> None:
 SUBCOMMANDS: dict[str, Subcommand | str] = {
     "generate": Subcommand("generate with the toy model over random prompts; print tok/s, step latency "
                            "and a breakdown", _add_generate_arguments, _run_generate),
-    # "bench": "miniattn.<module>"   # issue 5: a module with HELP, add_arguments(parser), run(args)
+    "bench": "miniattn.bench",
 }
 
 

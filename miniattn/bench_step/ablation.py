@@ -1,0 +1,138 @@
+"""Method (b): the whole step with its cache writes removed (0), normal (1) and doubled (2).
+
+For each setting of ``runner.attn.write_repeats`` the device work of the step
+(`ModelRunner.decode_callable`) is captured in a CUDA graph (or, for a step that cannot be
+captured, called eagerly). The settings are then timed *interleaved*: in each round every variant
+runs `reps` back-to-back replays between two events, in a rotating order, so clock and thermal
+drift hit all variants alike; the write cost is the median over rounds of the paired difference
+``T1 - T0`` (the check: ``T2 - T1``). A single write is a few µs inside a step of milliseconds, so
+timing the variants one after another would bury it in run-to-run noise.
+
+The replays are back to back without an L2 flush: a step reads the model's weights (gigabytes),
+which flushes the 50 MB L2 by itself. On a CPU the same runs are wall-clock times.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..timing import capture_graph
+
+__all__ = ["Ablation", "ablate_writes", "interleaved_us"]
+
+
+@dataclass
+class Ablation:
+    """Step µs per write setting and the paired differences (µs).
+
+    t_us : {repeats: median µs per step}.
+    write_us : median over rounds of T1 - T0 (the step's writes, all layers).
+    check_us : median over rounds of T2 - T1 (NaN when doubling is not supported).
+    noise_us : standard error of `write_us` (1.4826 * MAD of the paired differences / sqrt(rounds)).
+    mode : "graph" or "eager".
+    """
+
+    t_us: dict[int, float]
+    write_us: float
+    check_us: float
+    noise_us: float
+    mode: str
+    rounds: int
+    reps: int
+    rounds_us: dict[int, list[float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"t_us": {str(k): v for k, v in self.t_us.items()}, "write_us": self.write_us,
+                "check_us": self.check_us, "noise_us": self.noise_us, "mode": self.mode,
+                "rounds": self.rounds, "reps": self.reps,
+                "rounds_us": {str(k): v for k, v in self.rounds_us.items()}}
+
+
+def _block_us(fn, reps: int) -> float:
+    """µs per call of `reps` back-to-back calls (CUDA events on the GPU, perf_counter on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e6 / reps
+
+
+def interleaved_us(fns: dict, rounds: int, reps: int) -> dict:
+    """{key: [µs per call in each round]}, the variants run in a rotating order in every round."""
+    keys = list(fns)
+    for k in keys:  # warm-up
+        fns[k]()
+    out = {k: [] for k in keys}
+    for r in range(rounds):
+        shift = r % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            out[k].append(_block_us(fns[k], reps))
+    return out
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Median of b - a over rounds and its standard error (MAD based)."""
+    d = [y - x for x, y in zip(a, b)]
+    med = statistics.median(d)
+    mad = statistics.median(abs(x - med) for x in d)
+    return med, 1.4826 * mad / math.sqrt(len(d))
+
+
+def ablate_writes(engine, batch, *, graph: bool, repeats=(0, 1, 2), rounds: int = 7,
+                  target_ms: float = 30.0, step_us_hint: float | None = None) -> Ablation:
+    """Time the step on `batch` with each write setting in `repeats` (must include 0 and 1).
+
+    `target_ms` sets `reps` so that one timed block lasts about that long (from `step_us_hint`).
+    Leaves ``write_repeats`` at 1.
+    """
+    if 0 not in repeats or 1 not in repeats:
+        raise ValueError(f"repeats must include 0 and 1, got {repeats}")
+    runner = engine.runner
+    attn = runner.attn
+    fns, graphs = {}, []
+    try:
+        for n in repeats:
+            attn.write_repeats = n
+            fn = runner.decode_callable(batch.seqs, use_graph=False)
+            if graph:
+                g = capture_graph(fn)
+                graphs.append(g)
+                fns[n] = g.replay
+            else:
+                fns[n] = _with_repeats(attn, n, fn)
+        attn.write_repeats = 1
+        hint = step_us_hint if step_us_hint and step_us_hint > 0 else _block_us(fns[1], 1)
+        reps = max(1, min(1000, math.ceil(target_ms * 1e3 / hint)))
+        runs = interleaved_us(fns, rounds, reps)
+    finally:
+        attn.write_repeats = 1
+        del fns, graphs
+    write, noise = _paired(runs[0], runs[1])
+    check = _paired(runs[1], runs[2])[0] if 2 in runs else float("nan")
+    return Ablation(t_us={n: statistics.median(v) for n, v in runs.items()}, write_us=write, check_us=check,
+                    noise_us=noise, mode="graph" if graph else "eager", rounds=rounds, reps=reps,
+                    rounds_us=runs)
+
+
+def _with_repeats(attn, n: int, fn):
+    """An eager call of `fn` with ``attn.write_repeats = n`` (restored to 1 after)."""
+    def call():
+        attn.write_repeats = n
+        try:
+            return fn()
+        finally:
+            attn.write_repeats = 1
+    return call

@@ -1,0 +1,125 @@
+"""One point of the sweep: the decode step on a prepared batch, timed both ways, shares derived.
+
+`measure_point` returns one flat row (plus nested per-layer and raw data) with:
+
+- ``step_graph_us`` / ``step_eager_us``: the device work of the step replayed from a CUDA graph /
+  called eagerly from Python (`miniattn.timing`, median, cold L2; input preparation excluded);
+- method (a), events inside the eager step queued ahead of the GPU: per layer write / attn / rest
+  µs, the write's share of the layer and of the step, write / attention; and the same share from
+  events *without* queueing ahead (``write_pct_step_a_raw``: launch gaps included);
+- method (b), ablation: ``(T1 - T0) / T1`` and the check ``(T2 - T1) / T1``;
+- ``a_vs_b``: (a - b) / b of the two shares, ``agree`` False when it passes 10% by more than
+  the ablation's noise;
+- bytes moved by a perfect step (weights once, the KV read, the write) and GB/s from the graph time;
+- ``write_pct_step_full_est``: the share for the preset's full layer count (layers scaled from the
+  cut model's per-layer graph time; embedding and LM head once).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import timing
+from .ablation import ablate_writes
+from .events import event_split
+from .peers import Impl
+from .points import kv_bytes_per_token
+
+__all__ = ["MeasureSettings", "measure_point", "step_bytes", "AGREE_TOL"]
+
+AGREE_TOL = 0.10  # the two methods must agree within 10% of the share
+
+
+class MeasureSettings:
+    """How hard to measure: event reps, ablation rounds, ms per timed block, do_bench windows."""
+
+    def __init__(self, reps: int = 5, rounds: int = 7, target_ms: float = 30.0, warmup_ms: int = 25,
+                 rep_ms: int = 100):
+        self.reps, self.rounds, self.target_ms = reps, rounds, target_ms
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def step_bytes(model, batch: int, context: int, kv_cache_dtype: str) -> dict:
+    """Bytes a perfect decode step moves: every weight once, the cache read once, the write."""
+    mc = model.config
+    elem = model.dtype.itemsize
+    params = sum(p.numel() for p in model.parameters()) * elem
+    embed = model.embed.weight.numel() * elem
+    weights = params - embed + (embed if mc.tie_word_embeddings else batch * mc.hidden_size * elem)
+    per_tok = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_size, kv_cache_dtype, model.dtype)
+    kv_read = batch * context * per_tok
+    write = batch * per_tok + batch * mc.num_layers * 2 * mc.num_kv_heads * mc.head_size * elem  # store + read K/V
+    return {"weights": weights, "kv_read": kv_read, "write": write, "total": weights + kv_read + write}
+
+
+def _pct(x: float, of: float) -> float:
+    return 100.0 * x / of if of and of > 0 and not math.isnan(x) else float("nan")
+
+
+def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_layers: int,
+                  copy_gbps: float = float("nan")) -> dict:
+    """Measure the decode step of `engine` on `batch` (see the module docstring)."""
+    cuda = engine.device.type == "cuda"
+    graph = cuda and impl.graphable
+    engine.decode_step(batch, use_graph=False)  # warm-up: compile and plan
+    if cuda:
+        torch.cuda.synchronize()
+    ev = event_split(engine, batch, settings.reps, queue_ahead=graph)
+    raw = event_split(engine, batch, settings.reps, queue_ahead=False) if graph else ev
+    fn = engine.runner.decode_callable(batch.seqs, use_graph=False)
+    kw = {"warmup_ms": settings.warmup_ms, "rep_ms": settings.rep_ms}
+    eager_us = timing.time_eager(fn, **kw)
+    graph_us = timing.time_graph(fn, **kw) if graph else float("nan")
+    repeats = impl.write_repeats
+    abl = ablate_writes(engine, batch, graph=graph, repeats=repeats, rounds=settings.rounds,
+                        target_ms=settings.target_ms, step_us_hint=graph_us if graph else eager_us)
+
+    n_layers = len(ev.layers)
+    t1 = abl.t_us[1]
+    write_a, attn_a, rest_a, layer_a = (ev.total(k) for k in ("write", "attn", "rest", "layer"))
+    share_a = _pct(write_a, ev.step_us)
+    share_b = _pct(abl.write_us, t1)
+    diff = (share_a - share_b) / share_b if share_b and not math.isnan(share_b) and share_b != 0 else float("nan")
+    gap_us = abs(write_a / ev.step_us * t1 - abl.write_us) if ev.step_us else float("nan")
+    within_noise = gap_us <= 2 * abl.noise_us
+    agree = None if impl.fused_write or math.isnan(diff) else bool(abs(diff) <= AGREE_TOL or within_noise)
+    b = step_bytes(engine.model, batch.batch_size, batch.context_len, engine.config.kv_cache_dtype)
+    ref_us = graph_us if graph else eager_us
+    # full-model estimate: per-layer time in the graph = the cut model's layers' share of T1
+    per_layer_graph = (t1 - ev.outside_us * t1 / ev.step_us) / n_layers if ev.step_us else float("nan")
+    full_step = t1 - n_layers * per_layer_graph + full_layers * per_layer_graph
+    full_share = _pct(abl.write_us / n_layers * full_layers, full_step)
+    return {
+        "step_graph_us": graph_us,
+        "step_eager_us": eager_us,
+        "bytes": b,
+        "step_gbps": timing.gbps(b["total"], ref_us),
+        "step_pct_copy": _pct(timing.gbps(b["total"], ref_us), copy_gbps),
+        "write_us": write_a / n_layers,
+        "attn_us": attn_a / n_layers,
+        "rest_us": rest_a / n_layers,
+        "layer_us": layer_a / n_layers,
+        "outside_us": ev.outside_us,
+        "write_pct_layer": _pct(write_a, layer_a),
+        "write_pct_step_a": share_a,
+        "write_pct_step_a_raw": _pct(raw.total("write"), raw.step_us),
+        "write_per_attn": write_a / attn_a if attn_a else float("nan"),
+        "write_pct_step_b": share_b,
+        "check_pct_step_b": _pct(abl.check_us, t1),
+        "write_us_b": abl.write_us,
+        "a_vs_b": diff,
+        "agree": agree,
+        "within_noise": within_noise,
+        "queued_ahead": ev.queued_ahead,
+        "write_pct_step_full_est": full_share,
+        "full_layers": full_layers,
+        "layers": ev.layers,
+        "events": ev.to_dict(),
+        "events_raw": raw.to_dict(),
+        "ablation": abl.to_dict(),
+    }

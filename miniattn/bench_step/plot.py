@@ -1,0 +1,96 @@
+"""Two figures of a step-benchmark result (matplotlib, Agg backend).
+
+- ``<stem>_bars.png``: one panel per (layout, cache dtype, implementation); per point a stacked bar
+  of the step in µs from method (a): write, attention, rest of the layers, outside the layers
+  (embedding, LM head); a dot marks the graph-replayed step.
+- ``<stem>_share.png``: the write's share of the step against batch (at the pivot context) and
+  against context (at the pivot batch); solid lines method (b) ablation, dashed method (a) events.
+"""
+
+from __future__ import annotations
+
+__all__ = ["plot_results"]
+
+PARTS = (("write", "write", "tab:red"), ("attention", "attn", "tab:blue"), ("rest of layers", "rest", "tab:gray"))
+
+
+def _runs(rows):
+    out = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            out.setdefault((r["layout"], r["kv_cache_dtype"], r["impl"]), []).append(r)
+    return out
+
+
+def _bars(plt, runs, title):
+    n = len(runs)
+    cols = min(3, n)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
+    for ax, ((lay, kvd, impl), rows) in zip(axes.flat, runs.items()):
+        rows = sorted(rows, key=lambda r: (r["context"], r["batch"]))
+        x = range(len(rows))
+        bottom = [0.0] * len(rows)
+        for label, key, color in PARTS:
+            h = [sum(d[key] for d in r["layers"]) for r in rows]
+            ax.bar(x, h, bottom=bottom, color=color, label=label)
+            bottom = [b + v for b, v in zip(bottom, h)]
+        h = [max(r["outside_us"], 0.0) for r in rows]
+        ax.bar(x, h, bottom=bottom, color="tab:olive", label="embed + LM head")
+        ax.plot(x, [r["step_graph_us"] for r in rows], "k.", label="graph step")
+        ax.set_xticks(list(x), [f"b{r['batch']}\nc{r['context']}" for r in rows], fontsize=6)
+        for i, r in enumerate(rows):  # the write's share (ablation) above each bar
+            ax.annotate(f"{r['write_pct_step_b']:.1f}%", (i, bottom[i] + h[i]), ha="center", va="bottom", fontsize=6,
+                        color="tab:red")
+        ax.set_ylabel("µs per step")
+        ax.set_title(f"{lay} / {kvd} / {impl}", fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right", framealpha=0.9)
+    fig.suptitle(title + " (events (a) per component; red: write share by ablation (b))", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _share(plt, runs, pivot_batch, pivot_context, title):
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for (lay, kvd, impl), rows in runs.items():
+        label = f"{lay}/{kvd}" + ("" if impl == "miniattn" else f"/{impl}")
+        for ax, fixed, key_fixed, key_x in ((a1, pivot_context, "context", "batch"),
+                                            (a2, pivot_batch, "batch", "context")):
+            pts = sorted((r for r in rows if r[key_fixed] == fixed), key=lambda r: r[key_x])
+            if len(pts) < 1:
+                continue
+            xs = [r[key_x] for r in pts]
+            line, = ax.plot(xs, [r["write_pct_step_b"] for r in pts], "-o", ms=3, label=label)
+            if impl != "flash-attn":
+                ax.plot(xs, [r["write_pct_step_a"] for r in pts], "--", color=line.get_color(), lw=0.8)
+    a1.set_xlabel(f"batch (context {pivot_context})")
+    a2.set_xlabel(f"context (batch {pivot_batch})")
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_ylabel("write % of step")
+        ax.grid(alpha=0.3)
+    a1.legend(fontsize=7)
+    fig.suptitle(title + " (solid: ablation (b), dashed: events (a))", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_results(result: dict, stem_path: str, title: str) -> list[str]:
+    """Write the two PNGs next to `stem_path` (no extension); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _runs(result["rows"])
+    if not runs:
+        return []
+    pb, pc = result["pivots"]["batch"], result["pivots"]["context"]
+    paths = []
+    for suffix, fig in (("_bars.png", _bars(plt, runs, title)), ("_share.png", _share(plt, runs, pb, pc, title))):
+        fig.savefig(stem_path + suffix, dpi=110)
+        plt.close(fig)
+        paths.append(stem_path + suffix)
+    return paths

@@ -1,0 +1,110 @@
+"""The step benchmark's outputs: the Markdown table, the per-layer tables, the JSON, the file stem."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .. import timing
+from .measure import AGREE_TOL
+
+__all__ = ["format_table", "format_layers", "write_results", "file_stem", "LEGEND", "device_label"]
+
+# (header, row key, format)
+COLUMNS = [
+    ("layout", "layout", "{}"), ("kv", "kv_cache_dtype", "{}"), ("impl", "impl", "{}"),
+    ("batch", "batch", "{}"), ("ctx", "context", "{}"),
+    ("graph µs", "step_graph_us", "{:.0f}"), ("eager µs", "step_eager_us", "{:.0f}"),
+    ("GB/s", "step_gbps", "{:.0f}"), ("% copy", "step_pct_copy", "{:.0f}"),
+    ("write µs/L", "write_us", "{:.1f}"), ("attn µs/L", "attn_us", "{:.1f}"), ("rest µs/L", "rest_us", "{:.1f}"),
+    ("write %L", "write_pct_layer", "{:.2f}"),
+    ("write %step (a)", "write_pct_step_a", "{:.2f}"), ("(a) raw", "write_pct_step_a_raw", "{:.2f}"),
+    ("write %step (b)", "write_pct_step_b", "{:.2f}"), ("(b) T2-T1", "check_pct_step_b", "{:.2f}"),
+    ("a vs b", "a_vs_b", None), ("write/attn", "write_per_attn", "{:.3f}"),
+    ("%step full est", "write_pct_step_full_est", "{:.2f}"),
+]
+
+LEGEND = f"""\
+graph / eager µs: the step's device work replayed from a CUDA graph / called eagerly (do_bench median,
+  cold L2; input preparation excluded). GB/s: bytes of a perfect step (weights once, KV read, write)
+  over the graph time; % copy: of the device-to-device copy ceiling measured in the same run.
+write / attn / rest µs/L: per layer (mean over layers), method (a) = CUDA events inside the eager step,
+  queued ahead of the GPU so launch gaps are not counted; rest = projections, rotary, MLP, norms.
+write %L: of the layer. write %step (a): all layers' writes over the events' step.
+(a) raw: the same events without queueing ahead (launch gaps counted, what a naive profile shows).
+write %step (b): ablation, (T1 - T0) / T1 with T0 / T1 / T2 the graph-replayed step with 0 / 1 / 2
+  writes per layer (interleaved, paired); (b) T2-T1: (T2 - T1) / T1, the check.
+a vs b: (a - b) / b; '!' beyond {AGREE_TOL:.0%} and beyond 2x the ablation's noise, '~' beyond {AGREE_TOL:.0%} but
+  within its noise; 'fused': the write is inside the attention kernel (flash-attn), no separate time.
+%step full est: write share for the preset's full layer count (per-layer graph time scaled)."""
+
+
+def _cell(row: dict, key: str, fmt: str | None) -> str:
+    v = row.get(key)
+    if key == "a_vs_b":
+        if row.get("impl") == "flash-attn":
+            return "fused"
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "n/a"
+        mark = "" if abs(v) <= AGREE_TOL else (" ~" if row.get("within_noise") else " !")
+        return f"{100 * v:+.0f}%{mark}"
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return fmt.format(v)
+
+
+def device_label(env: dict) -> str:
+    """'NVIDIA H100 80GB HBM3' or 'CPU numbers (Triton interpreter)'."""
+    if env.get("cpu_only"):
+        interp = env.get("triton_interpret", "0") not in ("", "0")
+        return "CPU numbers" + (" (Triton interpreter)" if interp else "") + ", not GPU timings"
+    return env.get("device", "?")
+
+
+def format_table(result: dict, env: dict) -> str:
+    """Title line, the Markdown table of measured rows, then skipped / failed points and notes."""
+    cfg, model = result["config"], result["model"]
+    title = (f"## Decode step: the write share on {device_label(env)}\n"
+             f"{cfg['preset']} shape, {model['num_layers']} layers (full: {model['full_layers']}), {cfg['dtype']}, "
+             f"block {cfg['block_size']}; copy ceiling {result['ceilings']['copy_gbps']:.0f} GB/s")
+    ok = [r for r in result["rows"] if r.get("status") == "ok"]
+    body = [{h: _cell(r, k, f) for h, k, f in COLUMNS} for r in ok]
+    lines = [title, "", timing.format_table(body, [h for h, _, _ in COLUMNS])]
+    other = [r for r in result["rows"] if r.get("status") != "ok"]
+    if other:
+        lines.append("")
+        lines += [f"- {r['status']}: {r['layout']}/{r['kv_cache_dtype']}/{r['impl']} batch {r['batch']} "
+                  f"ctx {r['context']}: {r['note']}" for r in other]
+    if result.get("notes"):
+        lines.append("")
+        lines += [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+def format_layers(row: dict) -> str:
+    """Per-layer table of one measured row (method (a), µs)."""
+    head = (f"### layers: {row['layout']}/{row['kv_cache_dtype']}/{row['impl']} batch {row['batch']} "
+            f"ctx {row['context']} (events{', queued ahead' if row.get('queued_ahead') else ''})")
+    body = [{"layer": i, "write µs": f"{d['write']:.1f}", "attn µs": f"{d['attn']:.1f}", "rest µs": f"{d['rest']:.1f}",
+             "layer µs": f"{d['layer']:.1f}", "write %L": f"{100 * d['write'] / d['layer']:.2f}" if d["layer"] else "-"}
+            for i, d in enumerate(row["layers"])]
+    cols = ["layer", "write µs", "attn µs", "rest µs", "layer µs", "write %L"]
+    tail = f"outside layers (embedding, LM head, gaps): {row['outside_us']:.1f} µs of {row['events']['step_us']:.1f}"
+    return "\n".join([head, "", timing.format_table(body, cols), tail])
+
+
+def file_stem(result: dict, env: dict) -> str:
+    """decode_step_<device>_<preset>_L<layers>_<dtype>, e.g. decode_step_h100_llama-8b_L4_bfloat16."""
+    if env.get("cpu_only"):
+        dev = "cpu"
+    else:
+        m = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", env.get("device", "").lower())
+        dev = m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", env.get("device", "gpu").lower()).strip("-")
+    cfg = result["config"]
+    return f"decode_step_{dev}_{cfg['preset']}_L{result['model']['num_layers']}_{cfg['dtype']}"
+
+
+def write_results(path: str, result: dict) -> None:
+    """The JSON beside the table: env (device, versions, commit), config, rows, model, ceilings, notes."""
+    timing.write_json(path, result["config"], result["rows"],
+                      extra={k: result[k] for k in ("model", "ceilings", "notes", "points", "pivots") if k in result})
