@@ -191,6 +191,9 @@ class ModelRunner:
             if not 1 <= bs <= self.config.max_num_seqs:
                 raise ValueError(f"graph batch size {bs} not in 1..max_num_seqs ({self.config.max_num_seqs})")
         self.graphs.clear()
+        # the old graphs are gone, and with them their memory pool: passing its handle to a new
+        # capture trips an internal assert in PyTorch's caching allocator, so start a fresh pool
+        self._graph_pool = None
         for bs in sorted(set(batch_sizes), reverse=True):
             ids, b = self.prepare_decode([], pad_to=bs)  # all padding: writes skipped, zeros attended
             side = torch.cuda.Stream(self.device)
