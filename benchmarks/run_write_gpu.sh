@@ -4,7 +4,7 @@
 # Logs go to OUTDIR; JSON/PNG results to benchmarks/results/ (tarred into OUTDIR/results.tgz).
 set -u
 out=${1:?outdir}; shift
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 B="python benchmarks/benchmark_reshape_and_cache_flash.py"
 P="python benchmarks/benchmark_reshape_and_cache.py"
 for stage in "$@"; do

@@ -153,12 +153,15 @@ def env_info() -> dict:
         p = torch.cuda.get_device_properties(0)
         info["sm_count"] = p.multi_processor_count
         info["l2_bytes"] = getattr(p, "L2_cache_size", None)
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5
-        ).stdout.strip() or None
-    except Exception:
-        info["git_commit"] = None
+    # MINIATTN_GIT_COMMIT names the commit where the tree has no .git (the GPU machine's copy)
+    info["git_commit"] = os.environ.get("MINIATTN_GIT_COMMIT")
+    if not info["git_commit"]:
+        try:
+            r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5)
+            info["git_commit"] = r.stdout.strip() if r.returncode == 0 else None
+        except Exception:
+            info["git_commit"] = None
     return info
 
 
