@@ -2,7 +2,7 @@
 
 key_cache [blocks, heads, head_size // x, block_size, x], value_cache [blocks, heads, head_size,
 block_size]: the value layout scatters 2-byte writes 32+ bytes apart, so this op is bound by sectors
-touched, not bytes (see benchmarks/NOTES-write.md). Same table, JSON and --plot as the flash script.
+touched, not bytes (see benchmarks/README.md). Same table, JSON and --plot as the flash script.
 
     python benchmarks/benchmark_reshape_and_cache.py --num-heads 8 --num-blocks 65536 --plot
 """

@@ -311,7 +311,7 @@ def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: i
     memory for 16-bit caches), which the split heuristic fills. FP8, measured on an H100: 128-token
     steps (196 registers, 2 per SM) when the batch is small; with at least two programs per SM before
     splitting, 64-token steps pipelined 5 deep (145 registers, 3 per SM) are 5-10% faster. Deeper
-    pipelines and 8 warps were no faster for 16-bit caches (benchmarks/NOTES-decode.md)."""
+    pipelines and 8 warps were no faster for 16-bit caches (benchmarks/README.md)."""
     head = max(head_size_k, head_size_v)
     if cache_elem_bytes == 1 and head <= 128:
         return (64, 4, 5, 3) if base_programs >= 2 * sm_count else (128, 4, 2, 2)
