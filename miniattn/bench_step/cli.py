@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser, default_out_dir: str = ".") -> Non
     m = p.add_argument_group("measurement")
     m.add_argument("--reps", type=int, default=None, help="eager steps timed with events (median)")
     m.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the ablation")
-    m.add_argument("--target-ms", type=float, default=30.0, help="length of one timed ablation block")
+    m.add_argument("--target-ms", type=float, default=50.0, help="length of one timed ablation block")
     m.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", default=default_out_dir, help="where the JSON (and plots) go")
@@ -76,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser, default_out_dir: str = ".") -> Non
     o.add_argument("--plot", action="store_true", help="stacked bars per layout and the share vs batch / context")
     o.add_argument("--per-layer", action="store_true", help="print the per-layer table of every point")
     o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--from-json", default=None, metavar="PATH",
+                   help="measure nothing: print the table (and --plot) of a saved result")
 
 
 def _pivot(given: int | None, default: int | None, values) -> int | None:
@@ -116,16 +118,21 @@ def run(args: argparse.Namespace) -> int:
     if not cuda and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     from .. import timing
-    from .report import LEGEND, file_stem, format_layers, format_table, write_results
+    from .report import LEGEND, file_stem, format_layers, format_table, load_result, write_results
     from .sweep import run_sweep
 
-    try:
-        cfg = _config(args, cuda)
-    except ValueError as e:
-        raise SystemExit(f"miniattn bench step: {e}")
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    result = run_sweep(cfg, log=log)
-    env = timing.env_info()
+    if args.from_json:
+        result, env = load_result(args.from_json)
+    else:
+        try:
+            cfg = _config(args, cuda)
+        except ValueError as e:
+            raise SystemExit(f"miniattn bench step: {e}")
+        log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+        env = timing.env_info()
+        os.makedirs(args.out_dir, exist_ok=True)
+        save = None if args.no_json else (lambda res: write_results(_json_path(args, res, env), res))
+        result = run_sweep(cfg, log=log, checkpoint=save)
     print(format_table(result, env))
     print()
     print(LEGEND)
@@ -136,17 +143,24 @@ def run(args: argparse.Namespace) -> int:
             seen.add(run_key)
             print()
             print(format_layers(r))
+    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, file_stem(result, env))
-    if not args.no_json:
-        write_results(stem + ".json", result)
+    if not args.no_json and not args.from_json:  # written by the sweep's last checkpoint
         print(f"\nwrote {stem}.json")
     if args.plot:
         from .plot import plot_results
 
-        title = f"{cfg.preset} x{result['model']['num_layers']} layers, {cfg.dtype}, {env['device']}"
+        cfg = result["config"]
+        title = f"{cfg['preset']} x{result['model']['num_layers']} layers, {cfg['dtype']}, {env['device']}"
         for path in plot_results(result, stem, title):
             print(f"wrote {path}")
     return 0
+
+
+def _json_path(args, result: dict, env: dict) -> str:
+    from .report import file_stem
+
+    return os.path.join(args.out_dir, file_stem(result, env) + ".json")
 
 
 def main(argv: list[str] | None = None, default_out_dir: str = ".") -> int:

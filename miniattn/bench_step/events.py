@@ -12,19 +12,24 @@ themselves). Whether the queue really stayed ahead is checked (the sleep must st
 the last launch returns) and reported as ``queued_ahead``; a step that synchronises inside (the
 torch reference reads lengths on the host) cannot be queued ahead. On a CPU the regions are
 wall-clock times of synchronous work.
+
+`graph_event_split` times the same regions inside the CUDA-graph-replayed step instead, with
+"external" timing events captured as event-record nodes of the graph (`GraphRegions`). Both record
+an empty region first: what an event pair costs by itself (``empty_us``).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..step_timer import StepTimer
 
-__all__ = ["EventSplit", "event_split", "sleep_cycles_per_us"]
+__all__ = ["EventSplit", "event_split", "graph_event_split", "GraphRegions", "sleep_cycles_per_us"]
 
 _CYCLES_PER_US: float | None = None
 
@@ -59,6 +64,8 @@ class EventSplit:
     outside_us: float
     queued_ahead: bool
     reps: int
+    mode: str = "eager"  # "eager", or "graph" (events captured in the replayed graph)
+    empty_us: float = float("nan")  # an empty region: the event pair's own cost
     host_enqueue_us: float = float("nan")
     per_rep_step_us: list[float] = field(default_factory=list)
 
@@ -68,8 +75,8 @@ class EventSplit:
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "step_us": self.step_us, "outside_us": self.outside_us,
-                "queued_ahead": self.queued_ahead, "reps": self.reps, "host_enqueue_us": self.host_enqueue_us,
-                "per_rep_step_us": self.per_rep_step_us}
+                "queued_ahead": self.queued_ahead, "reps": self.reps, "mode": self.mode, "empty_us": self.empty_us,
+                "host_enqueue_us": self.host_enqueue_us, "per_rep_step_us": self.per_rep_step_us}
 
 
 def _one_step(engine, batch, hold_us: float | None):
@@ -81,6 +88,8 @@ def _one_step(engine, batch, hold_us: float | None):
         gate = torch.cuda.Event()
         gate.record()
     t0 = time.perf_counter()
+    with timer.region("empty"):
+        pass
     engine.decode_step(batch, timer=timer, use_graph=False)
     host_us = (time.perf_counter() - t0) * 1e6
     ahead = gate is not None and not gate.query()  # the GPU was still asleep when the last launch returned
@@ -98,20 +107,104 @@ def event_split(engine, batch, reps: int = 5, queue_ahead: bool = True) -> Event
     host = float("nan")
     if cuda and queue_ahead:
         _, _, host = _one_step(engine, batch, None)  # how long the host takes to enqueue one step
-        hold_us = 2.0 * host + 500.0
-    steps, layer_runs, ahead_all = [], [], True
+        hold_us = 3.0 * host + 2000.0  # margin for a host hiccup (GC, page faults)
+    runs, ahead_all = [], True
     for _ in range(reps):
         timer, ahead, host_us = _one_step(engine, batch, hold_us)
         ahead_all &= ahead
-        tot = timer.totals()
-        steps.append(tot["step"] * 1e3)
-        layer_runs.append({i: {k: v * 1e3 for k, v in d.items()} for i, d in timer.per_layer().items()})
+        runs.append([(r.name, r.layer, r.ms * 1e3) for r in timer.results()])
+    return _summarise(runs, mode="eager", queued_ahead=bool(cuda and queue_ahead and ahead_all), host_us=host)
+
+
+def _summarise(runs, *, mode: str, queued_ahead: bool, host_us: float = float("nan")) -> EventSplit:
+    """Medians over reps of per-layer regions; `runs` holds one [(name, layer, µs)] list per step."""
+    steps = [sum(us for n, l, us in run if n == "step" and l is None) for run in runs]
+    empty = statistics.median(sum(us for n, _, us in run if n == "empty") for run in runs)
+    per_layer = []
+    for run in runs:
+        acc: dict = {}
+        for name, layer, us in run:
+            if layer is not None:
+                acc.setdefault(layer, {}).setdefault(name, 0.0)
+                acc[layer][name] += us
+        per_layer.append(acc)
     layers = []
-    for i in sorted(layer_runs[0]):
-        d = {k: statistics.median(run[i].get(k, 0.0) for run in layer_runs) for k in ("write", "attn", "layer")}
+    for i in sorted(per_layer[0]):
+        d = {k: statistics.median(run[i].get(k, 0.0) for run in per_layer) for k in ("write", "attn", "layer")}
         d["rest"] = d["layer"] - d["write"] - d["attn"]
         layers.append(d)
     step = statistics.median(steps)
     return EventSplit(layers=layers, step_us=step, outside_us=step - sum(d["layer"] for d in layers),
-                      queued_ahead=bool(cuda and queue_ahead and ahead_all), reps=reps,
-                      host_enqueue_us=host, per_rep_step_us=steps)
+                      queued_ahead=queued_ahead, reps=len(runs), mode=mode, empty_us=empty,
+                      host_enqueue_us=host_us, per_rep_step_us=steps)
+
+
+class GraphRegions:
+    """`StepTimer`'s ``region(name, layer)`` with external timing events, so a graph can hold them.
+
+    While `active` is False regions record nothing (warm-up runs). After a replay and a synchronize,
+    `read` gives ``[(name, layer, µs)]`` of that replay.
+    """
+
+    def __init__(self):
+        self.active = False
+        self.marks: list[tuple[str, int | None, object, object]] = []
+
+    @staticmethod
+    def _event():
+        ev = torch.cuda.Event(enable_timing=True, external=True)
+        ev.record()
+        return ev
+
+    @contextmanager
+    def region(self, name: str, layer: int | None = None):
+        if not self.active:
+            yield
+            return
+        start = self._event()
+        try:
+            yield
+        finally:
+            self.marks.append((name, layer, start, self._event()))
+
+    def read(self) -> list[tuple[str, int | None, float]]:
+        return [(n, l, s.elapsed_time(e) * 1e3) for n, l, s, e in self.marks]
+
+
+def graph_event_split(engine, batch, reps: int = 5) -> EventSplit:
+    """The per-layer regions of the step replayed from a CUDA graph that holds the events.
+
+    The event-record nodes sit between the kernels of the graph, so each region times its nodes as
+    the graph runs them (no launch gaps) plus one event node.
+    """
+    runner = engine.runner
+    ids, b = runner.prepare_decode(batch.seqs)
+    timer = GraphRegions()
+
+    @torch.no_grad()
+    def step():
+        with timer.region("empty"):
+            pass
+        with timer.region("step"):
+            return runner.forward_decode(ids, b, timer)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    timer.active = True
+    try:
+        with torch.cuda.graph(g):
+            step()
+    finally:
+        timer.active = False
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(reps + 1):
+        g.replay()
+        torch.cuda.synchronize()
+        runs.append(timer.read())
+    return _summarise(runs[1:], mode="graph", queued_ahead=True)

@@ -10,6 +10,8 @@
 - method (b), ablation: ``(T1 - T0) / T1`` and the check ``(T2 - T1) / T1``;
 - ``a_vs_b``: (a - b) / b of the two shares, ``agree`` False when it passes 10% by more than
   the ablation's noise;
+- the same events captured inside the graph-replayed step (``write_pct_step_a_graph``,
+  ``ag_vs_b``), and what an empty event pair reads in each mode (``event_pair_us*``);
 - bytes moved by a perfect step (weights once, the KV read, the write) and GB/s from the graph time;
 - ``write_pct_step_full_est``: the share for the preset's full layer count (layers scaled from the
   cut model's per-layer graph time; embedding and LM head once).
@@ -23,7 +25,7 @@ import torch
 
 from .. import timing
 from .ablation import ablate_writes
-from .events import event_split
+from .events import event_split, graph_event_split
 from .peers import Impl
 from .points import kv_bytes_per_token
 
@@ -35,7 +37,7 @@ AGREE_TOL = 0.10  # the two methods must agree within 10% of the share
 class MeasureSettings:
     """How hard to measure: event reps, ablation rounds, ms per timed block, do_bench windows."""
 
-    def __init__(self, reps: int = 5, rounds: int = 7, target_ms: float = 30.0, warmup_ms: int = 25,
+    def __init__(self, reps: int = 5, rounds: int = 7, target_ms: float = 50.0, warmup_ms: int = 25,
                  rep_ms: int = 100):
         self.reps, self.rounds, self.target_ms = reps, rounds, target_ms
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
@@ -61,6 +63,15 @@ def _pct(x: float, of: float) -> float:
     return 100.0 * x / of if of and of > 0 and not math.isnan(x) else float("nan")
 
 
+def _agreement(share_x: float, share_b: float, t1_us: float, noise_us: float, fused: bool):
+    """((x - b) / b, |x - b| within 2x the ablation's noise, agree) of two write shares (%)."""
+    if fused or math.isnan(share_x) or math.isnan(share_b) or share_b == 0:
+        return float("nan"), False, None
+    diff = (share_x - share_b) / share_b
+    within = abs(share_x - share_b) / 100 * t1_us <= 2 * noise_us
+    return diff, within, bool(abs(diff) <= AGREE_TOL or within)
+
+
 def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_layers: int,
                   copy_gbps: float = float("nan")) -> dict:
     """Measure the decode step of `engine` on `batch` (see the module docstring)."""
@@ -79,15 +90,25 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
     abl = ablate_writes(engine, batch, graph=graph, repeats=repeats, rounds=settings.rounds,
                         target_ms=settings.target_ms, step_us_hint=graph_us if graph else eager_us)
 
+    gev, gev_error = None, None
+    if graph:
+        try:
+            gev = graph_event_split(engine, batch, settings.reps)
+        except Exception as e:  # events captured in a graph need torch >= 2.8 (external events)
+            gev_error = f"{type(e).__name__}: {str(e)[:200]}"
+            try:
+                torch.cuda.synchronize()
+            except RuntimeError:
+                pass
+
     n_layers = len(ev.layers)
     t1 = abl.t_us[1]
     write_a, attn_a, rest_a, layer_a = (ev.total(k) for k in ("write", "attn", "rest", "layer"))
     share_a = _pct(write_a, ev.step_us)
     share_b = _pct(abl.write_us, t1)
-    diff = (share_a - share_b) / share_b if share_b and not math.isnan(share_b) and share_b != 0 else float("nan")
-    gap_us = abs(write_a / ev.step_us * t1 - abl.write_us) if ev.step_us else float("nan")
-    within_noise = gap_us <= 2 * abl.noise_us
-    agree = None if impl.fused_write or math.isnan(diff) else bool(abs(diff) <= AGREE_TOL or within_noise)
+    diff, within_noise, agree = _agreement(share_a, share_b, t1, abl.noise_us, impl.fused_write)
+    share_ag = _pct(gev.total("write"), gev.step_us) if gev else float("nan")
+    diff_g, within_noise_g, agree_g = _agreement(share_ag, share_b, t1, abl.noise_us, impl.fused_write)
     b = step_bytes(engine.model, batch.batch_size, batch.context_len, engine.config.kv_cache_dtype)
     ref_us = graph_us if graph else eager_us
     # full-model estimate: per-layer time in the graph = the cut model's layers' share of T1
@@ -115,11 +136,19 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
         "a_vs_b": diff,
         "agree": agree,
         "within_noise": within_noise,
+        "write_pct_step_a_graph": share_ag,
+        "write_us_a_graph": gev.total("write") / n_layers if gev else float("nan"),
+        "ag_vs_b": diff_g,
+        "agree_graph": agree_g,
+        "within_noise_graph": within_noise_g,
+        "event_pair_us": ev.empty_us,
+        "event_pair_us_graph": gev.empty_us if gev else float("nan"),
         "queued_ahead": ev.queued_ahead,
         "write_pct_step_full_est": full_share,
         "full_layers": full_layers,
         "layers": ev.layers,
         "events": ev.to_dict(),
         "events_raw": raw.to_dict(),
+        "events_graph": gev.to_dict() if gev else {"error": gev_error},
         "ablation": abl.to_dict(),
     }

@@ -3,8 +3,10 @@
 - ``<stem>_bars.png``: one panel per (layout, cache dtype, implementation); per point a stacked bar
   of the step in µs from method (a): write, attention, rest of the layers, outside the layers
   (embedding, LM head); a dot marks the graph-replayed step.
-- ``<stem>_share.png``: the write's share of the step against batch (at the pivot context) and
-  against context (at the pivot batch); solid lines method (b) ablation, dashed method (a) events.
+- ``<stem>_share.png``: miniattn's layouts only (the peers' shares are off this scale; they are in
+  the table): the write's share of the step against batch (at the pivot context) and against
+  context (at the pivot batch), solid lines method (b) ablation, dashed method (a) events; and the
+  write's µs per layer against batch (ablation), which layout's write is cheaper.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ def _runs(rows):
     return out
 
 
-def _bars(plt, runs, title):
+def _bars(plt, runs, order, title):
     n = len(runs)
     cols = min(3, n)
     nrows = -(-n // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
     for ax, ((lay, kvd, impl), rows) in zip(axes.flat, runs.items()):
-        rows = sorted(rows, key=lambda r: (r["context"], r["batch"]))
+        rows = sorted(rows, key=lambda r: order.get((r["batch"], r["context"]), len(order)))
         x = range(len(rows))
         bottom = [0.0] * len(rows)
         for label, key, color in PARTS:
@@ -46,31 +48,39 @@ def _bars(plt, runs, title):
         ax.set_title(f"{lay} / {kvd} / {impl}", fontsize=9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="lower right", framealpha=0.9)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(title + " (events (a) per component; red: write share by ablation (b))", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
 
 def _share(plt, runs, pivot_batch, pivot_context, title):
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.2))
     for (lay, kvd, impl), rows in runs.items():
-        label = f"{lay}/{kvd}" + ("" if impl == "miniattn" else f"/{impl}")
-        for ax, fixed, key_fixed, key_x in ((a1, pivot_context, "context", "batch"),
-                                            (a2, pivot_batch, "batch", "context")):
+        if impl != "miniattn":
+            continue
+        label = f"{lay}/{kvd}"
+        panels = ((a1, pivot_context, "context", "batch", "write_pct_step_b", "write_pct_step_a"),
+                  (a2, pivot_batch, "batch", "context", "write_pct_step_b", "write_pct_step_a"),
+                  (a3, pivot_context, "context", "batch", "write_us_b", None))
+        for ax, fixed, key_fixed, key_x, key_b, key_a in panels:
             pts = sorted((r for r in rows if r[key_fixed] == fixed), key=lambda r: r[key_x])
-            if len(pts) < 1:
+            if not pts:
                 continue
             xs = [r[key_x] for r in pts]
-            line, = ax.plot(xs, [r["write_pct_step_b"] for r in pts], "-o", ms=3, label=label)
-            if impl != "flash-attn":
-                ax.plot(xs, [r["write_pct_step_a"] for r in pts], "--", color=line.get_color(), lw=0.8)
+            ys = [r[key_b] / (len(r["layers"]) if key_b == "write_us_b" else 1) for r in pts]
+            line, = ax.plot(xs, ys, "-o", ms=3, label=label)
+            if key_a:
+                ax.plot(xs, [r[key_a] for r in pts], "--", color=line.get_color(), lw=0.8)
     a1.set_xlabel(f"batch (context {pivot_context})")
     a2.set_xlabel(f"context (batch {pivot_batch})")
-    for ax in (a1, a2):
+    a3.set_xlabel(f"batch (context {pivot_context})")
+    for ax in (a1, a2, a3):
         ax.set_xscale("log", base=2)
         ax.set_ylabel("write % of step")
         ax.grid(alpha=0.3)
+    a3.set_ylabel("write µs per layer, ablation (T1 - T0) / layers")
     a1.legend(fontsize=7)
     fig.suptitle(title + " (solid: ablation (b), dashed: events (a))", fontsize=10)
     fig.tight_layout()
@@ -89,7 +99,8 @@ def plot_results(result: dict, stem_path: str, title: str) -> list[str]:
         return []
     pb, pc = result["pivots"]["batch"], result["pivots"]["context"]
     paths = []
-    for suffix, fig in (("_bars.png", _bars(plt, runs, title)), ("_share.png", _share(plt, runs, pb, pc, title))):
+    order = {(p["batch"], p["context"]): i for i, p in enumerate(result.get("points") or [])}
+    for suffix, fig in (("_bars.png", _bars(plt, runs, order, title)), ("_share.png", _share(plt, runs, pb, pc, title))):
         fig.savefig(stem_path + suffix, dpi=110)
         plt.close(fig)
         paths.append(stem_path + suffix)

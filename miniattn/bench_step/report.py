@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 from .. import timing
 from .measure import AGREE_TOL
 
-__all__ = ["format_table", "format_layers", "write_results", "file_stem", "LEGEND", "device_label"]
+__all__ = ["format_table", "format_layers", "write_results", "load_result", "file_stem", "LEGEND", "device_label"]
 
 # (header, row key, format)
 COLUMNS = [
@@ -20,7 +21,8 @@ COLUMNS = [
     ("write %L", "write_pct_layer", "{:.2f}"),
     ("write %step (a)", "write_pct_step_a", "{:.2f}"), ("(a) raw", "write_pct_step_a_raw", "{:.2f}"),
     ("write %step (b)", "write_pct_step_b", "{:.2f}"), ("(b) T2-T1", "check_pct_step_b", "{:.2f}"),
-    ("a vs b", "a_vs_b", None), ("write/attn", "write_per_attn", "{:.3f}"),
+    ("a vs b", "a_vs_b", None), ("(a) graph", "write_pct_step_a_graph", "{:.2f}"), ("ag vs b", "ag_vs_b", None),
+    ("write/attn", "write_per_attn", "{:.3f}"),
     ("%step full est", "write_pct_step_full_est", "{:.2f}"),
 ]
 
@@ -36,17 +38,20 @@ write %step (b): ablation, (T1 - T0) / T1 with T0 / T1 / T2 the graph-replayed s
   writes per layer (interleaved, paired); (b) T2-T1: (T2 - T1) / T1, the check.
 a vs b: (a - b) / b; '!' beyond {AGREE_TOL:.0%} and beyond 2x the ablation's noise, '~' beyond {AGREE_TOL:.0%} but
   within its noise; 'fused': the write is inside the attention kernel (flash-attn), no separate time.
+(a) graph, ag vs b: the same events captured inside the graph-replayed step (event-record nodes
+  between the kernels: no launch gaps, the graph's own kernel spacing) and its agreement with (b).
 %step full est: write share for the preset's full layer count (per-layer graph time scaled)."""
 
 
 def _cell(row: dict, key: str, fmt: str | None) -> str:
     v = row.get(key)
-    if key == "a_vs_b":
+    if key in ("a_vs_b", "ag_vs_b"):
         if row.get("impl") == "flash-attn":
             return "fused"
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "n/a"
-        mark = "" if abs(v) <= AGREE_TOL else (" ~" if row.get("within_noise") else " !")
+        noise = row.get("within_noise" if key == "a_vs_b" else "within_noise_graph")
+        mark = "" if abs(v) <= AGREE_TOL else (" ~" if noise else " !")
         return f"{100 * v:+.0f}%{mark}"
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -108,3 +113,12 @@ def write_results(path: str, result: dict) -> None:
     """The JSON beside the table: env (device, versions, commit), config, rows, model, ceilings, notes."""
     timing.write_json(path, result["config"], result["rows"],
                       extra={k: result[k] for k in ("model", "ceilings", "notes", "points", "pivots") if k in result})
+
+
+def load_result(path: str) -> tuple[dict, dict]:
+    """(result, env) from a JSON written by `write_results` (the table and plots can be redrawn)."""
+    with open(path) as f:
+        doc = json.load(f)
+    result = {k: doc[k] for k in ("config", "model", "ceilings", "notes", "points", "pivots") if k in doc}
+    result["rows"] = doc["rows"]
+    return result, doc["env"]

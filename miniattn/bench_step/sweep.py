@@ -95,8 +95,12 @@ def _free_engine():
         torch.cuda.empty_cache()
 
 
-def run_sweep(cfg: SweepConfig, log=print) -> dict:
-    """Measure every run at every point; returns {"config", "model", "ceilings", "rows", "notes"}."""
+def run_sweep(cfg: SweepConfig, log=print, checkpoint=None) -> dict:
+    """Measure every run at every point; returns {"config", "model", "ceilings", "rows", "notes", ...}.
+
+    `checkpoint(partial_result)`, if given, is called whenever a run (layout, cache dtype,
+    implementation) is complete, so that a sweep cut short still leaves its finished runs.
+    """
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = getattr(torch, cfg.dtype)
@@ -126,9 +130,18 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         f"{'GPU' if cuda else 'CPU'} in {time.perf_counter() - t0:.1f}s; {len(runs)} runs, {len(points)} points, "
         f"{len(work)} to measure" + (f"; cache budget {budget / 2**30:.1f} GiB" if budget is not None else ""))
     full_layers = PRESETS[cfg.preset].num_layers if cfg.layers is not None else mcfg.num_layers
+    n_skipped = len(rows)
     engine, key, first, engine_error = None, None, False, None
     bar = timing.progress(work, desc="bench step", unit="pt", disable=not cfg.progress, mininterval=2.0)
+    model_info = {"num_params": mcfg.num_params, "full_layers": full_layers, **vars(mcfg)}
+
+    def result():
+        return {"config": cfg.to_dict(), "model": model_info, "ceilings": {"copy_gbps": copy_gbps},
+                "rows": _ordered(rows, runs), "notes": notes, "points": [vars(p) for p in points], "pivots": pivots}
+
     for run, bs, plan, p in bar:
+        if key is not None and run != key[0] and checkpoint is not None:
+            checkpoint(result())
         if (run, plan.context) != key:
             engine, engine_error = None, None
             _free_engine()
@@ -147,12 +160,18 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
             first = False
         if row["status"] == "failed":
             log(f"  {run.layout}/{run.kv_cache_dtype}/{run.impl} batch {p.batch} ctx {p.context} failed: {row['note']}")
+        elif not cfg.progress:  # one line per point instead of a bar (logs)
+            log(f"  [{len(rows) + 1 - n_skipped}/{len(work)}] {run.layout}/{run.kv_cache_dtype}/{run.impl} "
+                f"b{p.batch} c{p.context}: {row['wall_s']:.1f}s, write {row['write_pct_step_a']:.2f}% (a) "
+                f"{row['write_pct_step_a_graph']:.2f}% (a graph) {row['write_pct_step_b']:.2f}% (b) "
+                f"of {row['step_graph_us']:.0f} µs")
         rows.append(row)
     engine = None
     _free_engine()
-    model_info = {"num_params": mcfg.num_params, "full_layers": full_layers, **vars(mcfg)}
-    return {"config": cfg.to_dict(), "model": model_info, "ceilings": {"copy_gbps": copy_gbps},
-            "rows": _ordered(rows, runs), "notes": notes, "points": [vars(p) for p in points], "pivots": pivots}
+    out = result()
+    if checkpoint is not None:
+        checkpoint(out)
+    return out
 
 
 def _build_engine(model, cfg: SweepConfig, run: Run, block_size: int, plan) -> Engine:
@@ -168,14 +187,16 @@ def _build_engine(model, cfg: SweepConfig, run: Run, block_size: int, plan) -> E
 
 def _measure(engine, run: Run, p, cfg: SweepConfig, fill: bool, full_layers: int, copy_gbps: float) -> dict:
     """One point's measurements, or status "failed" with the reason (the sweep goes on)."""
+    t0 = time.perf_counter()
     batch = engine.prepare_decode_batch(p.batch, p.context, seed=cfg.seed, fill_cache=fill)
     try:
-        return {"status": "ok", "note": ""} | measure_point(engine, batch, get_impl(run.impl), cfg.settings,
-                                                            full_layers, copy_gbps)
+        row = {"status": "ok", "note": ""} | measure_point(engine, batch, get_impl(run.impl), cfg.settings,
+                                                           full_layers, copy_gbps)
     except (RuntimeError, ValueError) as e:  # out of memory, a peer refusing its inputs
-        return {"status": "failed", "note": _why(e)}
+        row = {"status": "failed", "note": _why(e)}
     finally:
         engine.release(batch)
+    return row | {"wall_s": time.perf_counter() - t0}
 
 
 def _why(e: Exception) -> str:
