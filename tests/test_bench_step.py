@@ -129,3 +129,13 @@ def test_one_tiny_point_end_to_end(tmp_path, capsys):
         assert math.isfinite(r["write_pct_step_b"]) and math.isfinite(r["a_vs_b"])
         assert r["bytes"]["total"] == r["bytes"]["weights"] + r["bytes"]["kv_read"] + r["bytes"]["write"]
         assert r["step_eager_us"] > 0
+
+
+def test_timing_suspect_flags_graph_timings_that_contradict_the_events():
+    from miniattn.bench_step.measure import timing_suspect
+
+    row = {"step_graph_us": 1720.0, "events": {"step_us": 1960.0}, "ablation": {"t_us": {"1": 1718.0}}}
+    assert timing_suspect(row) is None  # an idle H100 (validation run)
+    assert "eager step" in timing_suspect(row | {"step_graph_us": 2528.0})  # 1.29x: another context on the GPU
+    assert "T1" in timing_suspect(row | {"ablation": {"t_us": {"1": 2000.0}}})
+    assert timing_suspect(row | {"step_graph_us": float("nan")}) is None  # no graph: nothing to check

@@ -134,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         save = None if args.no_json else (lambda res: write_results(_json_path(args, res, env), res))
         result = run_sweep(cfg, log=log, checkpoint=save)
     print(format_table(result, env))
+    n_bad = sum(1 for r in result["rows"] if r.get("suspect"))
+    if n_bad:
+        print(f"warning: {n_bad} points with suspect graph timings (see below the table)", file=sys.stderr)
     print()
     print(LEGEND)
     seen = set()

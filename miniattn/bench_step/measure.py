@@ -29,9 +29,15 @@ from .events import event_split, graph_event_split
 from .peers import Impl
 from .points import kv_bytes_per_token
 
-__all__ = ["MeasureSettings", "measure_point", "step_bytes", "AGREE_TOL"]
+__all__ = ["MeasureSettings", "measure_point", "step_bytes", "timing_suspect", "AGREE_TOL"]
 
 AGREE_TOL = 0.10  # the two methods must agree within 10% of the share
+# On an idle H100 the graph-replayed step takes 0.86-0.98x the eager step timed with events (those
+# add their own cost) and the ablation's T1 is 0.99-1.00x the do_bench graph time. A GPU shared with
+# another context (time-slicing) slows long timing windows (do_bench, ablation blocks) far more than
+# a few-ms eager step, which breaks both ratios.
+SUSPECT_GRAPH_OVER_EVENTS = 1.03
+SUSPECT_T1_DRIFT = 0.05
 
 
 class MeasureSettings:
@@ -61,6 +67,20 @@ def step_bytes(model, batch: int, context: int, kv_cache_dtype: str) -> dict:
 
 def _pct(x: float, of: float) -> float:
     return 100.0 * x / of if of and of > 0 and not math.isnan(x) else float("nan")
+
+
+def timing_suspect(row: dict) -> str | None:
+    """Why a measured row's graph timings look disturbed (GPU shared, clocks), or None if they look sane."""
+    g = row.get("step_graph_us", float("nan"))
+    ev = (row.get("events") or {}).get("step_us", float("nan"))
+    t1 = float(((row.get("ablation") or {}).get("t_us") or {}).get("1", "nan"))
+    if any(not isinstance(x, (int, float)) or math.isnan(x) or x <= 0 for x in (g, ev, t1)):
+        return None  # no graph (CPU, a step that syncs): nothing to cross-check
+    if g > SUSPECT_GRAPH_OVER_EVENTS * ev:
+        return f"graph step {g / ev:.2f}x the eager step timed with events (idle GPU: <= 0.98x)"
+    if abs(t1 / g - 1) > SUSPECT_T1_DRIFT:
+        return f"ablation T1 {t1 / g:.2f}x the do_bench graph step (idle GPU: 0.99-1.00x)"
+    return None
 
 
 def _agreement(share_x: float, share_b: float, t1_us: float, noise_us: float, fused: bool):
@@ -115,7 +135,7 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
     per_layer_graph = (t1 - ev.outside_us * t1 / ev.step_us) / n_layers if ev.step_us else float("nan")
     full_step = t1 - n_layers * per_layer_graph + full_layers * per_layer_graph
     full_share = _pct(abl.write_us / n_layers * full_layers, full_step)
-    return {
+    return _with_suspect({
         "step_graph_us": graph_us,
         "step_eager_us": eager_us,
         "bytes": b,
@@ -151,4 +171,9 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
         "events_raw": raw.to_dict(),
         "events_graph": gev.to_dict() if gev else {"error": gev_error},
         "ablation": abl.to_dict(),
-    }
+    })
+
+
+def _with_suspect(row: dict) -> dict:
+    row["suspect"] = timing_suspect(row)
+    return row

@@ -4,7 +4,7 @@
   of the step in µs from method (a): write, attention, rest of the layers, outside the layers
   (embedding, LM head); a dot marks the graph-replayed step.
 - ``<stem>_share.png``: miniattn's layouts only (the peers' shares are off this scale; they are in
-  the table): the write's share of the step against batch (at the pivot context) and against
+  the table), points with suspect timings left out: the write's share of the step against batch (at the pivot context) and against
   context (at the pivot batch), solid lines method (b) ablation, dashed method (a) events; and the
   write's µs per layer against batch (ablation), which layout's write is cheaper.
 """
@@ -41,9 +41,9 @@ def _bars(plt, runs, order, title):
         ax.bar(x, h, bottom=bottom, color="tab:olive", label="embed + LM head")
         ax.plot(x, [r["step_graph_us"] for r in rows], "k.", label="graph step")
         ax.set_xticks(list(x), [f"b{r['batch']}\nc{r['context']}" for r in rows], fontsize=6)
-        for i, r in enumerate(rows):  # the write's share (ablation) above each bar
-            ax.annotate(f"{r['write_pct_step_b']:.1f}%", (i, bottom[i] + h[i]), ha="center", va="bottom", fontsize=6,
-                        color="tab:red")
+        for i, r in enumerate(rows):  # the write's share (ablation) above each bar; '?' if the timing is suspect
+            txt = "?" if r.get("suspect") else f"{r['write_pct_step_b']:.1f}%"
+            ax.annotate(txt, (i, bottom[i] + h[i]), ha="center", va="bottom", fontsize=6, color="tab:red")
         ax.set_ylabel("µs per step")
         ax.set_title(f"{lay} / {kvd} / {impl}", fontsize=9)
     for ax in list(axes.flat)[n:]:
@@ -57,9 +57,12 @@ def _bars(plt, runs, order, title):
 
 def _share(plt, runs, pivot_batch, pivot_context, title):
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.2))
+    left_out = 0
     for (lay, kvd, impl), rows in runs.items():
         if impl != "miniattn":
             continue
+        left_out += sum(1 for r in rows if r.get("suspect"))
+        rows = [r for r in rows if not r.get("suspect")]
         label = f"{lay}/{kvd}"
         panels = ((a1, pivot_context, "context", "batch", "write_pct_step_b", "write_pct_step_a"),
                   (a2, pivot_batch, "batch", "context", "write_pct_step_b", "write_pct_step_a"),
@@ -82,7 +85,8 @@ def _share(plt, runs, pivot_batch, pivot_context, title):
         ax.grid(alpha=0.3)
     a3.set_ylabel("write µs per layer, ablation (T1 - T0) / layers")
     a1.legend(fontsize=7)
-    fig.suptitle(title + " (solid: ablation (b), dashed: events (a))", fontsize=10)
+    note = f"; {left_out} points with suspect timings left out" if left_out else ""
+    fig.suptitle(title + f" (solid: ablation (b), dashed: events (a){note})", fontsize=10)
     fig.tight_layout()
     return fig
 

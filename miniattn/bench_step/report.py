@@ -7,14 +7,14 @@ import math
 import re
 
 from .. import timing
-from .measure import AGREE_TOL
+from .measure import AGREE_TOL, timing_suspect
 
 __all__ = ["format_table", "format_layers", "write_results", "load_result", "file_stem", "LEGEND", "device_label"]
 
 # (header, row key, format)
 COLUMNS = [
     ("layout", "layout", "{}"), ("kv", "kv_cache_dtype", "{}"), ("impl", "impl", "{}"),
-    ("batch", "batch", "{}"), ("ctx", "context", "{}"),
+    ("batch", "batch", "{}"), ("ctx", "context", "{}"), ("timing", "suspect", None),
     ("graph µs", "step_graph_us", "{:.0f}"), ("eager µs", "step_eager_us", "{:.0f}"),
     ("GB/s", "step_gbps", "{:.0f}"), ("% copy", "step_pct_copy", "{:.0f}"),
     ("write µs/L", "write_us", "{:.1f}"), ("attn µs/L", "attn_us", "{:.1f}"), ("rest µs/L", "rest_us", "{:.1f}"),
@@ -27,6 +27,8 @@ COLUMNS = [
 ]
 
 LEGEND = f"""\
+timing: SUSPECT when the graph timings contradict the eager events (another context on the GPU,
+  clocks): its graph µs, (b) and agreement columns are not to be read (reasons below the table).
 graph / eager µs: the step's device work replayed from a CUDA graph / called eagerly (do_bench median,
   cold L2; input preparation excluded). GB/s: bytes of a perfect step (weights once, KV read, write)
   over the graph time; % copy: of the device-to-device copy ceiling measured in the same run.
@@ -45,6 +47,8 @@ a vs b: (a - b) / b; '!' beyond {AGREE_TOL:.0%} and beyond 2x the ablation's noi
 
 def _cell(row: dict, key: str, fmt: str | None) -> str:
     v = row.get(key)
+    if key == "suspect":
+        return "SUSPECT" if v else "ok"
     if key in ("a_vs_b", "ag_vs_b"):
         if row.get("impl") == "flash-attn":
             return "fused"
@@ -73,8 +77,16 @@ def format_table(result: dict, env: dict) -> str:
              f"{cfg['preset']} shape, {model['num_layers']} layers (full: {model['full_layers']}), {cfg['dtype']}, "
              f"block {cfg['block_size']}; copy ceiling {result['ceilings']['copy_gbps']:.0f} GB/s")
     ok = [r for r in result["rows"] if r.get("status") == "ok"]
+    for r in ok:
+        r.setdefault("suspect", timing_suspect(r))  # results saved before the check existed
     body = [{h: _cell(r, k, f) for h, k, f in COLUMNS} for r in ok]
     lines = [title, "", timing.format_table(body, [h for h, _, _ in COLUMNS])]
+    bad = [r for r in ok if r["suspect"]]
+    if bad:
+        lines += ["", f"**{len(bad)} of {len(ok)} points have suspect graph timings** (GPU shared or throttled "
+                      "while they ran; re-run on an idle GPU):"]
+        lines += [f"- {r['layout']}/{r['kv_cache_dtype']}/{r['impl']} batch {r['batch']} ctx {r['context']}: "
+                  f"{r['suspect']}" for r in bad]
     other = [r for r in result["rows"] if r.get("status") != "ok"]
     if other:
         lines.append("")
