@@ -23,7 +23,7 @@ import torch
 
 from ..timing import capture_graph
 
-__all__ = ["Ablation", "ablate_writes", "interleaved_us"]
+__all__ = ["Ablation", "ablate_writes", "ablate_writes_queued", "interleaved_us"]
 
 
 @dataclass
@@ -136,3 +136,49 @@ def _with_repeats(attn, n: int, fn):
         finally:
             attn.write_repeats = 1
     return call
+
+
+def ablate_writes_queued(engine, batch, *, repeats=(0, 1, 2), rounds: int = 7) -> Ablation:
+    """Method (b) on the *eager* step, queued ahead of the GPU like method (a)'s events.
+
+    Each timed step is launched eagerly behind a GPU sleep long enough for the host to enqueue all
+    of it, between two events and with no events inside: T1 - T0 is what the writes add to the
+    eager step's device time (each kernel with its own launch and drain, as (a) sees them), and
+    comparing it with (a) checks the events against an independent measurement of the same step.
+    CUDA only; rounds rotate the order of the settings as in `ablate_writes`.
+    """
+    from .events import sleep_cycles_per_us  # noqa: PLC0415 - events imports nothing from here
+
+    if 0 not in repeats or 1 not in repeats:
+        raise ValueError(f"repeats must include 0 and 1, got {repeats}")
+    attn = engine.runner.attn
+    fn = engine.runner.decode_callable(batch.seqs, use_graph=False)
+
+    def timed(n: int, hold_us: float) -> tuple[float, float]:
+        attn.write_repeats = n
+        try:
+            if hold_us:
+                torch.cuda._sleep(int(hold_us * sleep_cycles_per_us()))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            host_us = (time.perf_counter() - t0) * 1e6
+            end.synchronize()
+            return start.elapsed_time(end) * 1e3, host_us
+        finally:
+            attn.write_repeats = 1
+
+    keys = list(repeats)
+    host = max(timed(n, 0.0)[1] for n in keys)  # warm-up, and how long one step takes to enqueue
+    hold = 3.0 * host + 2000.0
+    runs = {n: [] for n in keys}
+    for r in range(rounds):
+        shift = r % len(keys)
+        for n in keys[shift:] + keys[:shift]:
+            runs[n].append(timed(n, hold)[0])
+    write, noise = _paired(runs[0], runs[1])
+    check = _paired(runs[1], runs[2])[0] if 2 in runs else float("nan")
+    return Ablation(t_us={n: statistics.median(v) for n, v in runs.items()}, write_us=write, check_us=check,
+                    noise_us=noise, mode="eager-queued", rounds=rounds, reps=1, rounds_us=runs)

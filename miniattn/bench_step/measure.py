@@ -7,7 +7,10 @@
 - method (a), events inside the eager step queued ahead of the GPU: per layer write / attn / rest
   µs, the write's share of the layer and of the step, write / attention; and the same share from
   events *without* queueing ahead (``write_pct_step_a_raw``: launch gaps included);
-- method (b), ablation: ``(T1 - T0) / T1`` and the check ``(T2 - T1) / T1``;
+- method (b), ablation: ``(T1 - T0) / T1`` and the check ``(T2 - T1) / T1`` of the graph-replayed
+  step (what the write costs when served), and of the eager step queued ahead
+  (``write_pct_step_b_eager``: the same execution that (a) times, without events inside;
+  ``a_vs_b_eager`` compares the two methods on the same step);
 - ``a_vs_b``: (a - b) / b of the two shares, ``agree`` False when it passes 10% by more than
   the ablation's noise;
 - the same events captured inside the graph-replayed step (``write_pct_step_a_graph``,
@@ -24,7 +27,7 @@ import math
 import torch
 
 from .. import timing
-from .ablation import ablate_writes
+from .ablation import ablate_writes, ablate_writes_queued
 from .events import event_split, graph_event_split
 from .peers import Impl
 from .points import kv_bytes_per_token
@@ -110,6 +113,9 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
     abl = ablate_writes(engine, batch, graph=graph, repeats=repeats, rounds=settings.rounds,
                         target_ms=settings.target_ms, step_us_hint=graph_us if graph else eager_us)
 
+    # (b) on the eager step queued ahead: the same execution (a) times, with no events inside
+    abl_e = ablate_writes_queued(engine, batch, repeats=repeats, rounds=2 * settings.rounds) if graph else None
+
     gev, gev_error = None, None
     if graph:
         try:
@@ -127,6 +133,9 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
     share_a = _pct(write_a, ev.step_us)
     share_b = _pct(abl.write_us, t1)
     diff, within_noise, agree = _agreement(share_a, share_b, t1, abl.noise_us, impl.fused_write)
+    share_be = _pct(abl_e.write_us, abl_e.t_us[1]) if abl_e else float("nan")
+    diff_e, within_noise_e, agree_e = (_agreement(share_a, share_be, abl_e.t_us[1], abl_e.noise_us, impl.fused_write)
+                                       if abl_e else (float("nan"), False, None))
     share_ag = _pct(gev.total("write"), gev.step_us) if gev else float("nan")
     diff_g, within_noise_g, agree_g = _agreement(share_ag, share_b, t1, abl.noise_us, impl.fused_write)
     b = step_bytes(engine.model, batch.batch_size, batch.context_len, engine.config.kv_cache_dtype)
@@ -156,6 +165,11 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
         "a_vs_b": diff,
         "agree": agree,
         "within_noise": within_noise,
+        "write_pct_step_b_eager": share_be,
+        "write_us_b_eager": abl_e.write_us if abl_e else float("nan"),
+        "a_vs_b_eager": diff_e,
+        "agree_eager": agree_e,
+        "within_noise_eager": within_noise_e,
         "write_pct_step_a_graph": share_ag,
         "write_us_a_graph": gev.total("write") / n_layers if gev else float("nan"),
         "ag_vs_b": diff_g,
@@ -171,6 +185,7 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
         "events_raw": raw.to_dict(),
         "events_graph": gev.to_dict() if gev else {"error": gev_error},
         "ablation": abl.to_dict(),
+        "ablation_eager": abl_e.to_dict() if abl_e else None,
     })
 
 

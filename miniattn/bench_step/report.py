@@ -21,7 +21,9 @@ COLUMNS = [
     ("write %L", "write_pct_layer", "{:.2f}"),
     ("write %step (a)", "write_pct_step_a", "{:.2f}"), ("(a) raw", "write_pct_step_a_raw", "{:.2f}"),
     ("write %step (b)", "write_pct_step_b", "{:.2f}"), ("(b) T2-T1", "check_pct_step_b", "{:.2f}"),
-    ("a vs b", "a_vs_b", None), ("(a) graph", "write_pct_step_a_graph", "{:.2f}"), ("ag vs b", "ag_vs_b", None),
+    ("a vs b", "a_vs_b", None), ("(b) eager", "write_pct_step_b_eager", "{:.2f}"),
+    ("a vs b eager", "a_vs_b_eager", None),
+    ("(a) graph", "write_pct_step_a_graph", "{:.2f}"), ("ag vs b", "ag_vs_b", None),
     ("write/attn", "write_per_attn", "{:.3f}"),
     ("%step full est", "write_pct_step_full_est", "{:.2f}"),
 ]
@@ -40,6 +42,8 @@ write %step (b): ablation, (T1 - T0) / T1 with T0 / T1 / T2 the graph-replayed s
   writes per layer (interleaved, paired); (b) T2-T1: (T2 - T1) / T1, the check.
 a vs b: (a - b) / b; '!' beyond {AGREE_TOL:.0%} and beyond 2x the ablation's noise, '~' beyond {AGREE_TOL:.0%} but
   within its noise; 'fused': the write is inside the attention kernel (flash-attn), no separate time.
+(b) eager, a vs b eager: the ablation of the eager step queued ahead (the execution (a) times, with
+  no events inside) and (a)'s agreement with it: the two methods on the same step.
 (a) graph, ag vs b: the same events captured inside the graph-replayed step (event-record nodes
   between the kernels: no launch gaps, the graph's own kernel spacing) and its agreement with (b).
 %step full est: write share for the preset's full layer count (per-layer graph time scaled)."""
@@ -49,12 +53,12 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
     v = row.get(key)
     if key == "suspect":
         return "SUSPECT" if v else "ok"
-    if key in ("a_vs_b", "ag_vs_b"):
+    if key in ("a_vs_b", "ag_vs_b", "a_vs_b_eager"):
         if row.get("impl") == "flash-attn":
             return "fused"
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "n/a"
-        noise = row.get("within_noise" if key == "a_vs_b" else "within_noise_graph")
+        noise = row.get({"a_vs_b": "within_noise", "ag_vs_b": "within_noise_graph"}.get(key, "within_noise_eager"))
         mark = "" if abs(v) <= AGREE_TOL else (" ~" if noise else " !")
         return f"{100 * v:+.0f}%{mark}"
     if v is None or (isinstance(v, float) and math.isnan(v)):
