@@ -77,12 +77,14 @@ def time_eager(fn: Callable[[], None], warmup_ms: int = 25, rep_ms: int = 100) -
     return _do_bench(fn, warmup_ms, rep_ms)
 
 
-def time_host_loop(fn: Callable[[], None], calls: int = 200, warmup_calls: int = 20) -> float:
-    """µs per call of `calls` back-to-back eager calls, from CUDA events (launch-bound when small)."""
+def per_call_us(fn: Callable[[], None], calls: int) -> float:
+    """µs per call of `calls` back-to-back calls of `fn`: CUDA events on a GPU (after a sync),
+    perf_counter on a CPU. No warm-up."""
     if not has_cuda():
-        return _cpu_median_us(fn)
-    for _ in range(warmup_calls):
-        fn()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e6 / calls
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -91,6 +93,15 @@ def time_host_loop(fn: Callable[[], None], calls: int = 200, warmup_calls: int =
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / calls
+
+
+def time_host_loop(fn: Callable[[], None], calls: int = 200, warmup_calls: int = 20) -> float:
+    """µs per call of `calls` back-to-back eager calls, from CUDA events (launch-bound when small)."""
+    if not has_cuda():
+        return _cpu_median_us(fn)
+    for _ in range(warmup_calls):
+        fn()
+    return per_call_us(fn, calls)
 
 
 def time_modes(fn: Callable[[], None], modes: Iterable[str] = MODES, **kw) -> dict:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..timing import capture_graph
+from ..timing import capture_graph, per_call_us
 
 __all__ = ["Ablation", "ablate_writes", "ablate_writes_queued", "interleaved_us"]
 
@@ -53,23 +53,6 @@ class Ablation:
                 "rounds_us": {str(k): v for k, v in self.rounds_us.items()}}
 
 
-def _block_us(fn, reps: int) -> float:
-    """µs per call of `reps` back-to-back calls (CUDA events on the GPU, perf_counter on a CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3 / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) * 1e6 / reps
-
-
 def interleaved_us(fns: dict, rounds: int, reps: int) -> dict:
     """{key: [µs per call in each round]}, the variants run in a rotating order in every round."""
     keys = list(fns)
@@ -79,7 +62,7 @@ def interleaved_us(fns: dict, rounds: int, reps: int) -> dict:
     for r in range(rounds):
         shift = r % len(keys)
         for k in keys[shift:] + keys[:shift]:
-            out[k].append(_block_us(fns[k], reps))
+            out[k].append(per_call_us(fns[k], reps))
     return out
 
 
@@ -114,7 +97,7 @@ def ablate_writes(engine, batch, *, graph: bool, repeats=(0, 1, 2), rounds: int 
             else:
                 fns[n] = _with_repeats(attn, n, fn)
         attn.write_repeats = 1
-        hint = step_us_hint if step_us_hint and step_us_hint > 0 else _block_us(fns[1], 1)
+        hint = step_us_hint if step_us_hint and step_us_hint > 0 else per_call_us(fns[1], 1)
         reps = max(1, min(1000, math.ceil(target_ms * 1e3 / hint)))
         runs = interleaved_us(fns, rounds, reps)
     finally:
