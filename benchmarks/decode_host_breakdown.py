@@ -49,17 +49,15 @@ def main():
               f"raw-address path={bool(plan.direct)}")
         print(f"  whole call: {per_call(fresh):.2f} us; with out=: {per_call(given):.2f} us")
         real = plan.direct, plan.rdirect
-        plan.direct = plan.rdirect = (lambda *a: None, None, None)
+        plan.direct = plan.rdirect = lambda *a: None
         print(f"  Python side (C launches stubbed): {per_call(fresh):.2f} us")
         plan.direct, plan.rdirect = real
-        run, function, metadata = plan.direct
         stream = torch._C._cuda_getCurrentRawStream(0)
         addrs = (q.data_ptr(), k.data_ptr(), k.data_ptr(), bt.data_ptr(), sl.data_ptr(), plan.dummy.data_ptr(),
-                 plan.dummy.data_ptr(), out.data_ptr(), *plan.part_addrs)
+                 plan.dummy.data_ptr(), out.data_ptr())
         g = plan.grid
-        one = lambda: run(g[0], g[1], g[2], stream, function, metadata, None, None, None,  # noqa: E731
-                          *addrs, *plan.ints, *plan.consts)
-        print(f"  one raw C launch of the main kernel: {per_call(one):.2f} us")
+        one = lambda: plan.direct(g[0], g[1], g[2], stream, *addrs, *plan.tail)  # noqa: E731
+        print(f"  one direct launch of the main kernel ({plan.direct.__name__}): {per_call(one):.2f} us")
     print(f"torch.empty: {per_call(lambda: torch.empty((16, 32, 128), dtype=torch.bfloat16, device='cuda')):.2f} us")
     print(f"torch.add (a CUDA op): {per_call(lambda: torch.add(q, q)):.2f} us")
     print(f"os.environ.get: {per_call(lambda: os.environ.get('MINIATTN_DEBUG', '0')):.2f} us")

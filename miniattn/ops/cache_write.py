@@ -250,7 +250,7 @@ class _Plan:
     """A validated argument configuration: what to launch (or that the reference must run)."""
 
     __slots__ = ("grid", "ints", "consts", "num_warps", "use_ref", "fp8", "num_slots", "num_tokens", "kv_layout",
-                 "device_index", "compiled")
+                 "device_index", "compiled", "tail")
 
 
 def _fail(cls, msg):
@@ -377,6 +377,7 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     v_per_head = bool(fp8) and num_kv_heads > 1 and v_scale.numel() == num_kv_heads
     plan.consts = (block_size, head_size_k, head_size_v, block_dk, block_dv, hpp, num_head_blocks, key_x, fp8,
                    k_per_head, v_per_head, interpreting())
+    plan.tail = plan.ints + plan.consts
     return plan
 
 
@@ -432,9 +433,8 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
         kc, vc = key_cache.data_ptr(), value_cache.data_ptr()
         ks, vs = (k_scale.data_ptr(), v_scale.data_ptr()) if plan.fp8 else (sm, sm)
         if (k | v | kc | vc | sm | ks | vs) & 15 == 0 and not launch.hooks_installed():
-            run, function, metadata = plan.compiled
-            run(plan.grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(plan.device_index), function, metadata,
-                None, None, None, k, v, kc, vc, sm, ks, vs, *plan.ints, *plan.consts)
+            plan.compiled(plan.grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(plan.device_index),
+                          k, v, kc, vc, sm, ks, vs, *plan.tail)
             return
     ptrs = (key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     _LAUNCH(plan.grid, ptrs, plan.ints, plan.consts, plan.num_warps)

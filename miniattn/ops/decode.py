@@ -367,7 +367,7 @@ class _Plan:
 
     __slots__ = ("grid", "ints", "consts", "warps", "stages", "splits", "rgrid", "rints", "rconsts",
                  "part_acc", "part_max", "part_sum", "part_addrs", "out_shape", "fp8", "dummy",
-                 "device_index", "direct", "rdirect")
+                 "device_index", "direct", "rdirect", "tail", "rtail", "out_dtype", "out_device")
 
 
 def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
@@ -450,6 +450,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     plan.device_index = device.index
     plan.direct = plan.rdirect = None  # raw-launch handles, taken after the first aligned call (False: none)
     plan.out_shape = (batch, num_q_heads, head_v)
+    plan.out_dtype, plan.out_device = query.dtype, device
     group = num_q_heads // num_kv_heads
     rows = max(16, min(_next_pow2(group), _MAX_ROWS))
     row_chunks = -(-group // rows)
@@ -508,6 +509,8 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     else:
         plan.part_acc = plan.part_max = plan.part_sum = plan.dummy
     plan.part_addrs = (plan.part_acc.data_ptr(), plan.part_max.data_ptr(), plan.part_sum.data_ptr())
+    plan.tail = plan.part_addrs + plan.ints + plan.consts  # the hot path's arguments after the pointers
+    plan.rtail = (plan.rints + plan.rconsts) if num_splits > 1 else ()
     return plan
 
 
@@ -610,8 +613,8 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
         return _fallback(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale,
                          kv_cache_dtype, k_scale, v_scale, out)
 
-    if out is None:
-        out = torch.empty(plan.out_shape, dtype=query.dtype, device=query.device)
+    if out is None:  # sizes spread out and the plan's dtype/device: half the cost of torch.empty(shape, ...)
+        out = torch.empty(*plan.out_shape, dtype=plan.out_dtype, device=plan.out_device)
     ks, vs = (k_scale, v_scale) if plan.fp8 else (plan.dummy, plan.dummy)
     if plan.direct:
         # Hot path: this configuration is validated and both kernels are compiled for 16-byte aligned
@@ -622,14 +625,11 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
         bt_a, sl_a, ks_a, vs_a = block_tables.data_ptr(), seq_lens.data_ptr(), ks.data_ptr(), vs.data_ptr()
         if not (q_a | k_a | v_a | o_a | bt_a | sl_a | ks_a | vs_a) & 15 and not hooks_installed():
             stream = torch._C._cuda_getCurrentRawStream(plan.device_index)
-            run, function, metadata = plan.direct
             g = plan.grid
-            run(g[0], g[1], g[2], stream, function, metadata, None, None, None,
-                q_a, k_a, v_a, bt_a, sl_a, ks_a, vs_a, o_a, *plan.part_addrs, *plan.ints, *plan.consts)
+            plan.direct(g[0], g[1], g[2], stream, q_a, k_a, v_a, bt_a, sl_a, ks_a, vs_a, o_a, *plan.tail)
             if plan.splits > 1:
-                run, function, metadata = plan.rdirect
-                run(plan.rgrid[0], plan.rgrid[1], 1, stream, function, metadata, None, None, None,
-                    *plan.part_addrs, sl_a, vs_a, o_a, *plan.rints, *plan.rconsts)
+                plan.rdirect(plan.rgrid[0], plan.rgrid[1], 1, stream, *plan.part_addrs, sl_a, vs_a, o_a,
+                             *plan.rtail)
             return out
 
     kc, vc = key_cache, value_cache
