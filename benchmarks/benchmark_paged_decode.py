@@ -13,6 +13,7 @@ measured in the same run (`timing.read_bandwidth`). The issue-3 targets are chec
     python benchmarks/benchmark_paged_decode.py                 # default sweep, ~3 min on an H100
     python benchmarks/benchmark_paged_decode.py --quick --plot
     python benchmarks/benchmark_paged_decode.py --tune          # launch-config / split sweep
+    python benchmarks/benchmark_paged_decode.py --pdl-ab        # merge kernel with / without PDL
     python benchmarks/benchmark_paged_decode.py --host-stub     # Python-side cost, launches stubbed (CPU ok)
 """
 
@@ -65,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--tune", action="store_true", help="sweep launch configs and split counts instead")
+    p.add_argument("--pdl-ab", action="store_true",
+                   help="split points with the merge kernel launched with and without PDL, alternating")
     p.add_argument("--host-stub", action="store_true", help="Python-side cost per call with the launches stubbed")
     a = p.parse_args(argv)
     if a.quick:
@@ -385,6 +388,49 @@ def run_tune(a):
 
 
 # ------------------------------------------------------------------------------------------------
+# --pdl-ab: the merge kernel with and without programmatic dependent launch, split points, graph mode
+# ------------------------------------------------------------------------------------------------
+
+PDL_POINTS = [(1, 512), (1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 4096), (16, 16384)]
+
+
+def run_pdl_ab(a, rounds=3):
+    """Graph µs with PDL on and off, alternating per round at each point (on, off, on, off, ...), so
+    drift hits both alike; the spread of each side's rounds is the noise to compare the gain with."""
+    ceiling = timing.read_bandwidth()
+    print(f"read ceiling {ceiling:.0f} GB/s")
+    rows = []
+    try:
+        for batch, ctx in PDL_POINTS:
+            inp = make_inputs(batch, ctx, a)
+            q, k, v, bt, sl = inp["query"], inp["k"], inp["v"], inp["block_tables"], inp["seq_lens"]
+            times = {True: [], False: []}
+            for _ in range(rounds):
+                for pdl in (True, False):
+                    decode_mod.PDL_ENABLED = pdl
+                    decode_mod._PLANS.clear()
+                    fn = lambda: paged_decode_attention(q, k, v, bt, sl)  # noqa: E731
+                    fn()
+                    plan = next(iter(decode_mod._PLANS.values()))
+                    assert plan.pdl == (pdl and plan.splits > 1), "PDL not available here"
+                    times[pdl].append(timing.time_graph(fn))
+            on, off = sorted(times[True]), sorted(times[False])
+            row = dict(batch=batch, ctx=ctx, splits=plan.splits, pdl_us=on[len(on) // 2], no_pdl_us=off[len(off) // 2],
+                       pdl_spread=on[-1] - on[0], no_pdl_spread=off[-1] - off[0])
+            row["gain_us"] = row["no_pdl_us"] - row["pdl_us"]
+            rows.append(row)
+            print(f"  b={batch:<3} ctx={ctx:<6} splits={plan.splits:<3} PDL {row['pdl_us']:7.1f} us "
+                  f"(spread {row['pdl_spread']:.1f})  no PDL {row['no_pdl_us']:7.1f} (spread {row['no_pdl_spread']:.1f})  "
+                  f"gain {row['gain_us']:+.1f} us", flush=True)
+            del inp
+            free()
+    finally:
+        decode_mod.PDL_ENABLED = True
+        decode_mod._PLANS.clear()
+    return rows, ceiling
+
+
+# ------------------------------------------------------------------------------------------------
 # --host-stub: the Python side of one call, launches replaced by no-ops (runs on a CPU machine)
 # ------------------------------------------------------------------------------------------------
 
@@ -451,6 +497,12 @@ def main(argv=None):
         return
     if not timing.has_cuda():
         sys.exit("needs a CUDA device (use --host-stub on a CPU machine)")
+    if a.pdl_ab:
+        rows, ceiling = run_pdl_ab(a)
+        path = os.path.join(a.out_dir, f"paged_decode_pdl_{dev}{tag}.json")
+        timing.write_json(path, config, rows, {"read_ceiling_gbps": ceiling})
+        print(timing.format_table(rows, list(rows[0])) + f"\njson: {path}")
+        return
     if a.tune:
         rows, ceiling = run_tune(a)
         path = os.path.join(a.out_dir, f"paged_decode_tune_{dev}{tag}.json")

@@ -403,3 +403,24 @@ def test_cuda_graph_replay_with_new_lengths():
         torch.cuda.synchronize()
         ref = paged_decode_attention_ref(**case)
         assert rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_merge_kernel_with_and_without_pdl(monkeypatch):
+    """The merge kernel launched as a programmatic dependent (sm_90+) gives the result of a plain launch."""
+    from miniattn.ops import decode as decode_mod
+    _seed("pdl")
+    case = make_case("NHD", 32, 8, 128, 16, (3000, 1, 0, 777), extra_blocks=40)
+    outs = {}
+    for pdl in (True, False):
+        monkeypatch.setattr(decode_mod, "PDL_ENABLED", pdl)
+        decode_mod._PLANS.clear()
+        outs[pdl] = [paged_decode_attention(**case, num_splits=8) for _ in range(3)]  # plan, Launcher, direct
+        plan = next(iter(decode_mod._PLANS.values()))
+        assert plan.pdl == (pdl and torch.cuda.get_device_capability() >= (9, 0))
+    decode_mod._PLANS.clear()
+    ref = paged_decode_attention_ref(**case)
+    for o in outs[True] + outs[False]:
+        assert rel_err(o, ref) <= 1e-2
+    assert all(torch.equal(o, outs[False][0]) for o in outs[True])

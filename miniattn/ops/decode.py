@@ -47,6 +47,21 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    try:  # grid dependency control (Triton >= 3.4): the merge kernel's launch overlaps the main kernel
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        _HAS_GDC = True
+    except ImportError:  # pragma: no cover - depends on the Triton version
+        _HAS_GDC = False
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+
+        @triton.jit
+        def gdc_wait():
+            pass
+
     @triton.jit
     def _paged_decode_kernel(
         # ---- pointers -------------------------------------------------------------------------
@@ -89,7 +104,10 @@ if triton_available():
         V_SCALE_PER_HEAD: tl.constexpr,
         DOT_F32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 as raw bits, so widen first
         IEEE: tl.constexpr,  # float32 queries and caches: exact fp32 dots (no tf32)
+        PDL: tl.constexpr,  # the merge kernel is launched as a programmatic dependent of this one
     ):
+        if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
+            gdc_launch_dependents()
         split = tl.program_id(0)
         pid_h = tl.program_id(1)
         b = tl.program_id(2)
@@ -237,12 +255,15 @@ if triton_available():
         SPLITS_PAD: tl.constexpr,
         FP8: tl.constexpr,
         V_SCALE_PER_HEAD: tl.constexpr,
+        PDL: tl.constexpr,  # launched as a programmatic dependent of the main kernel
     ):
         qh = tl.program_id(0)
         b = tl.program_id(1)
-        seq_len = tl.load(seq_lens_ptr + b)
+        seq_len = tl.load(seq_lens_ptr + b)  # written before the main kernel started: safe to read now
         split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
         num_pieces = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # pieces the main kernel wrote
+        if PDL:  # the partials: only after the main kernel has finished and its writes are visible
+            gdc_wait()
 
         # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the pieces s (flash-decoding)
         sp = tl.arange(0, SPLITS_PAD)
@@ -291,6 +312,20 @@ def _align(*strides: int) -> int:
         if st:
             g = math.gcd(g, st)
     return 1 << (g.bit_length() - 1)
+
+
+#: programmatic dependent launch of the merge kernel where it exists (sm_90+, CUDA, Triton with grid
+#: dependency control); the benchmarks switch it off to measure what it saves (clear `_PLANS` after)
+PDL_ENABLED = True
+_CAPABILITY: dict = {}
+
+
+def _pdl_available(device: torch.device) -> bool:
+    if not (PDL_ENABLED and _TRITON and _HAS_GDC and device.type == "cuda") or interpreting():
+        return False
+    if device not in _CAPABILITY:
+        _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    return _CAPABILITY[device] >= (9, 0)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -367,7 +402,7 @@ class _Plan:
 
     __slots__ = ("grid", "ints", "consts", "warps", "stages", "splits", "rgrid", "rints", "rconsts",
                  "part_acc", "part_max", "part_sum", "part_addrs", "out_shape", "fp8", "dummy",
-                 "device_index", "direct", "rdirect", "tail", "rtail", "out_dtype", "out_device")
+                 "device_index", "direct", "rdirect", "tail", "rtail", "out_dtype", "out_device", "pdl")
 
 
 def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
@@ -463,6 +498,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, sm_count, per_sm)
     plan.splits = num_splits
+    plan.pdl = num_splits > 1 and _pdl_available(device)
 
     ks = cache_strides(kv_layout, kc, is_key=True)
     vs = cache_strides(kv_layout, vc, is_key=False)
@@ -492,6 +528,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         bool(fp8 and k_scale.numel() > 1), bool(fp8 and v_scale.numel() > 1),
         device.type != "cuda" and query.dtype == torch.bfloat16 and not fp8,
         query.dtype == torch.float32 and not fp8,
+        plan.pdl,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
     plan.warps, plan.stages = warps, stages
@@ -505,7 +542,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         plan.rgrid = (num_q_heads, batch)
         plan.rints = (*out_strides, num_q_heads)
         plan.rconsts = (block_n, head_v, head_v_pad, group, num_splits, max(2, _next_pow2(num_splits)), fp8,
-                        bool(fp8 and v_scale.numel() > 1))
+                        bool(fp8 and v_scale.numel() > 1), plan.pdl)
     else:
         plan.part_acc = plan.part_max = plan.part_sum = plan.dummy
     plan.part_addrs = (plan.part_acc.data_ptr(), plan.part_max.data_ptr(), plan.part_sum.data_ptr())
@@ -639,13 +676,13 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
     _DECODE(plan.grid, ptrs, plan.ints, plan.consts, plan.warps, plan.stages)
     rptrs = (plan.part_acc, plan.part_max, plan.part_sum, seq_lens, vs, out)
     if plan.splits > 1:
-        _REDUCE(plan.rgrid, rptrs, plan.rints, plan.rconsts, 4, 1)
+        _REDUCE(plan.rgrid, rptrs, plan.rints, plan.rconsts, 4, 1, launch_pdl=plan.pdl)
     if plan.direct is None and query.is_cuda and not interpreting() and not any(p.data_ptr() & 15 for p in ptrs):
         plan.direct = compiled_handle(_paged_decode_kernel, plan.grid, ptrs, plan.ints, plan.consts, plan.warps,
                                        plan.stages)
         if plan.direct and plan.splits > 1:
             plan.rdirect = compiled_handle(_paged_decode_reduce_kernel, plan.rgrid, rptrs, plan.rints,
-                                            plan.rconsts, 4, 1)
+                                            plan.rconsts, 4, 1, launch_pdl=plan.pdl)
             plan.direct = plan.direct if plan.rdirect else False
     return out
 
