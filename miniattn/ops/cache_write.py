@@ -13,9 +13,10 @@ The cache is addressed only through `layout.cache_strides`, never through a hard
 
 The launcher validates arguments on the host, once per configuration of shapes / strides / dtypes /
 devices: the checked result is kept as a `_Plan` keyed by that metadata. The first call of a plan
-goes through `launch.Launcher` (compiling if needed); later calls with 16-byte-aligned pointers call
-the compiled kernel's launcher directly with raw addresses. A repeated call costs a dictionary lookup
-plus that launch: about 10 µs of host time on the H100 machine, where a torch `x.add_(1)` costs 7-10.
+goes through `launch.Launcher` (compiling if needed); later calls with 16-byte-aligned pointers hand
+raw addresses to the compiled kernel's C launch function (`launch.compiled_handle`). A repeated call
+costs the plan key and lookup plus that launch: 11-15 µs of host time per call on the H100 machine,
+where a torch `x.add_(1)` costs 7-10 (benchmarks/README.md, "Host cost").
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ aligned pieces *computed in the kernel from seq_len*; each program writes an unn
 (acc, running max, running sum) and `_paged_decode_reduce_kernel` merges them. Programs whose piece
 starts past seq_len exit at once, and the merge recomputes how many pieces exist, so nothing needs
 clearing. Because the split length is derived on the device, the grid depends only on
-(batch, heads, NUM_SPLITS): see "CUDA graphs" in `paged_decode_attention`.
+(batch, heads, NUM_SPLITS): see "CUDA graphs" in `paged_decode_attention`. On sm_90+ the merge kernel
+is a programmatic dependent launch (PDL): the main kernel's programs allow it to be scheduled as they
+start, and it reads seq_len while waiting, then `gdc_wait`s for the main grid before reading the
+partials. That takes its launch off the critical path (0.5-0.8 µs at batch 1 on an H100).
 """
 
 from __future__ import annotations

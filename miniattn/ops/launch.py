@@ -10,6 +10,9 @@ every int and constexpr value plus each pointer's dtype and 16-byte alignment: t
 of what Triton itself specialises on (ints equal to 1 or divisible by 16, pointer alignment), so a
 cached kernel is never reused for arguments it was not compiled for.
 
+`compiled_handle` goes one step further for the ops' hot paths: a function that takes raw addresses
+and calls the C function under Triton's Python launcher directly (see `_c_launch`).
+
 Under TRITON_INTERPRET=1, on CPU tensors, or while a Triton launch hook is installed (profilers),
 every call simply goes through `kernel[grid](...)`.
 """
