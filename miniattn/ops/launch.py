@@ -118,6 +118,10 @@ def _record_launch(run, grid, stream, function, metadata, args):
     return calls[0] if len(calls) == 1 else None
 
 
+#: (grid, stream) of the two recorded calls: distinct values, so call-dependent arguments show
+_PROBES = (((3, 5, 7), 11), ((13, 17, 19), 23))
+
+
 def _c_launch(run, function, metadata, args):
     """Skip the Python layer of Triton's CUDA launcher (about 1 µs per launch) when it is pure plumbing.
 
@@ -135,11 +139,10 @@ def _c_launch(run, function, metadata, args):
             return None
         if any(getattr(run, a, 0) for a in ("global_scratch_size", "profile_scratch_size", "gsan_enabled")):
             return None
-        rec = [_record_launch(run, g, s, function, metadata, args) for g, s in (((3, 5, 7), 11), ((13, 17, 19), 23))]
+        rec = [_record_launch(run, g, s, function, metadata, args) for g, s in _PROBES]
     except Exception:  # pragma: no cover - depends on the Triton version
         return None
-    heads = [(3, 5, 7, 11, function), (13, 17, 19, 23, function)]
-    if any(r is None or len(r) < 6 or r[:5] != h for r, h in zip(rec, heads)):
+    if any(r is None or len(r) < 6 or r[:5] != (*g, s, function) for r, (g, s) in zip(rec, _PROBES)):
         return None
     if all(r[-1] == args for r in rec) and all(type(r[-1]) is tuple for r in rec):
         spread, mids = False, [r[5:-1] for r in rec]
