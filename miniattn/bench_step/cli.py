@@ -73,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser, default_out_dir: str = ".") -> Non
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", default=default_out_dir, help="where the JSON (and plots) go")
     o.add_argument("--no-json", action="store_true")
+    o.add_argument("--tag", default="", help="suffix of the result file names (e.g. validation)")
     o.add_argument("--plot", action="store_true", help="stacked bars per layout and the share vs batch / context")
     o.add_argument("--per-layer", action="store_true", help="print the per-layer table of every point")
     o.add_argument("--no-progress", action="store_true")
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if not cuda and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     from .. import timing
-    from .report import LEGEND, file_stem, format_layers, format_table, load_result, write_results
+    from .report import LEGEND, format_layers, format_table, load_result, write_results
     from .sweep import run_sweep
 
     if args.from_json:
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             print()
             print(format_layers(r))
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, file_stem(result, env))
+    stem = os.path.join(args.out_dir, _stem(args, result, env))
     if not args.no_json and not args.from_json:  # written by the sweep's last checkpoint
         print(f"\nwrote {stem}.json")
     if args.plot:
@@ -160,10 +161,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_path(args, result: dict, env: dict) -> str:
+def _stem(args, result: dict, env: dict) -> str:
     from .report import file_stem
 
-    return os.path.join(args.out_dir, file_stem(result, env) + ".json")
+    return file_stem(result, env) + (f"_{args.tag}" if getattr(args, "tag", "") else "")
+
+
+def _json_path(args, result: dict, env: dict) -> str:
+    return os.path.join(args.out_dir, _stem(args, result, env) + ".json")
 
 
 def main(argv: list[str] | None = None, default_out_dir: str = ".") -> int:

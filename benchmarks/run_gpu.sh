@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One device call for any mix of the GPU stages below, on whatever GPU the device tool lends.
+# usage: benchmarks/run_gpu.sh OUTDIR STAGE [STAGE ...]
+#   tests   the whole test suite on CUDA tensors (8 workers)
+#   write   cache-write sweeps: 8 heads auto / fp8, 128 heads, paged5d, peers that import (FlashInfer)
+#   host    eager host cost: write / decode breakdowns, host-loop sweeps next to FlashInfer (two runs)
+#   decode  paged decode sweep (all modes, peers that import)
+#   step    decode-step benchmark: validation points (per layer)
+#   sweep   decode-step benchmark: the full sweep
+# Logs go to OUTDIR; results (JSON, PNG, logs) are written under benchmarks/results/ and tarred into
+# OUTDIR/results.tgz (the device tool returns at most 8 files). Each stage has its own time limit.
+# Carried wheels (FlashInfer) must already be on PYTHONPATH. Set MINIATTN_GIT_COMMIT to HEAD's hash.
+set -u
+out=${1:?outdir}; shift
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+R=benchmarks/results
+W="python benchmarks/benchmark_reshape_and_cache_flash.py"
+P="python benchmarks/benchmark_reshape_and_cache.py"
+S="python benchmarks/benchmark_decode_step.py --out-dir $R --no-progress"
+GPU_TAG=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,utilization.gpu --format=csv > "$out/gpu.txt" 2>&1
+python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$out/gpu.txt" 2>&1
+python -c "import flashinfer; print('flashinfer', flashinfer.__version__)" >> "$out/gpu.txt" 2>&1
+for stage in "$@"; do
+  start=$(date +%s)
+  case $stage in
+    tests)
+      timeout 300 python -m pytest -q -n 8 -p no:cacheprovider tests > "$out/tests.log" 2>&1 ;;
+    write)
+      {
+        timeout 150 $W --num-heads 8 --num-blocks 65536 --implementation triton,torch,peers --plot
+        timeout 100 $W --num-heads 8 --num-blocks 65536 --implementation triton,peers --kv-cache-dtype fp8 --plot
+        timeout 100 $W --num-heads 128 --num-blocks 16384 --implementation triton,peers --plot
+        timeout 100 $P --num-heads 8 --num-blocks 65536 --implementation triton,peers --plot
+      } > "$out/write.log" 2>&1 ;;
+    host)
+      {
+        timeout 60 python benchmarks/bench_write_host.py --out "$R/write_host_cost_$GPU_TAG.json"
+        for rep in 1 2; do
+          timeout 90 $W --num-heads 8 --num-blocks 65536 --mode all --implementation triton,peers \
+            --tokens 1,2,4,16,64,256,1024 --no-ceiling --out "$R/write_host_${GPU_TAG}_rep$rep.json"
+        done
+        timeout 60 python benchmarks/decode_host_breakdown.py
+        for rep in 1 2; do
+          timeout 90 python benchmarks/benchmark_paged_decode.py --batch-sizes 1,16 --contexts 512,4096 \
+            --modes graph,host --layouts NHD,HND --kv-cache-dtypes auto --peers sdpa,flashinfer --out-dir $R \
+            --tag "host_rep$rep"
+        done
+      } > "$out/host.log" 2>&1 ;;
+    decode)
+      timeout 540 python benchmarks/benchmark_paged_decode.py --plot > "$out/decode.log" 2>&1 ;;
+    step)
+      timeout 400 $S --batch 1,64,256 --context 512,4096,32768 --layouts NHD,paged5d --per-layer --plot \
+        --tag validation > "$out/step.log" 2>&1 ;;
+    sweep)
+      timeout 560 $S --plot > "$out/sweep.log" 2>&1 ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+  echo "stage $stage: rc=$? $(( $(date +%s) - start )) s" | tee -a "$out/stages.txt"
+done
+tar czf "$out/results.tgz" $R 2>/dev/null || true
