@@ -100,7 +100,7 @@ def main():
             "run() int ptrs": per_call_us(lambda: plan_run(g[0], 1, 1, stream, function, metadata, None, None, None,
                                                           *iptrs, *plan.ints, *plan.consts)),
             "op's direct launch": per_call_us(lambda: plan.compiled(g[0], 1, 1, stream, *iptrs, *plan.tail)),
-            "direct launch kind": plan.compiled.__name__,
+            "direct launch kind": plan.compiled.kind,
             "triton kernel[grid]()": per_call_us(lambda: cw._reshape_and_cache_kernel[g](
                 *ptrs, *plan.ints, *plan.consts, num_warps=plan.num_warps), calls=1000),
             "host loop (CUDA events), op": timing.time_host_loop(op, calls=1000),

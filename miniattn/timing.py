@@ -95,13 +95,15 @@ def per_call_us(fn: Callable[[], None], calls: int) -> float:
     return start.elapsed_time(end) * 1e3 / calls
 
 
-def time_host_loop(fn: Callable[[], None], calls: int = 200, warmup_calls: int = 20) -> float:
-    """µs per call of `calls` back-to-back eager calls, from CUDA events (launch-bound when small)."""
+def time_host_loop(fn: Callable[[], None], calls: int = 200, warmup_calls: int = 20, blocks: int = 5) -> float:
+    """µs per call of back-to-back eager calls (launch-bound when small): the median over `blocks`
+    blocks of `calls` calls each, every block timed with CUDA events, so one host hiccup (a GC pass,
+    the VM's CPU taken away for a ms) moves one block, not the result."""
     if not has_cuda():
         return _cpu_median_us(fn)
     for _ in range(warmup_calls):
         fn()
-    return per_call_us(fn, calls)
+    return statistics.median(per_call_us(fn, calls) for _ in range(blocks))
 
 
 def time_modes(fn: Callable[[], None], modes: Iterable[str] = MODES, **kw) -> dict:

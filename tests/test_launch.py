@@ -56,7 +56,7 @@ def test_direct_path_passes_what_the_launcher_would():
         calls = []
         run = cls(calls)
         fast = launch._c_launch(run, FUNCTION, METADATA, ARGS)
-        assert fast is not None and fast.__name__ == "launch_c"
+        assert fast is not None and fast.kind == "launch_c"
         assert calls == []  # recording happened on copies: nothing was launched
         fast(4, 2, 1, 99, *ARGS)
         run(4, 2, 1, 99, FUNCTION, METADATA, None, None, None, *ARGS)  # Triton's own path

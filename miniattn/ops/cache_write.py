@@ -426,7 +426,8 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
         return
     if not plan.fp8:  # unused scale pointers
         k_scale = v_scale = slot_mapping
-    if plan.compiled:
+    direct = plan.compiled
+    if direct:
         # Hot path: everything was validated for this configuration; the kernel is compiled for all
         # pointers 16-byte aligned. Raw addresses spare Triton's C launcher a data_ptr() call and a
         # cuPointerGetAttribute per pointer; a profiler's launch hooks need the full path below.
@@ -434,8 +435,11 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
         kc, vc = key_cache.data_ptr(), value_cache.data_ptr()
         ks, vs = (k_scale.data_ptr(), v_scale.data_ptr()) if plan.fp8 else (sm, sm)
         if (k | v | kc | vc | sm | ks | vs) & 15 == 0 and not launch.hooks_installed():
-            plan.compiled(plan.grid[0], 1, 1, torch._C._cuda_getCurrentRawStream(plan.device_index),
-                          k, v, kc, vc, sm, ks, vs, *plan.tail)
+            stream = torch._C._cuda_getCurrentRawStream(plan.device_index)
+            if direct.spread:  # `launch.DirectLaunch.__call__`, inlined
+                direct.fn(plan.grid[0], 1, 1, stream, *direct.head, k, v, kc, vc, sm, ks, vs, *plan.tail)
+            else:
+                direct.fn(plan.grid[0], 1, 1, stream, *direct.head, (k, v, kc, vc, sm, ks, vs, *plan.tail))
             return
     ptrs = (key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     _LAUNCH(plan.grid, ptrs, plan.ints, plan.consts, plan.num_warps)

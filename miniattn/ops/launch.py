@@ -41,14 +41,16 @@ def interpreting() -> bool:
 
 
 def hooks_installed() -> bool:
-    """True when a launch hook is set (Triton >= 3.4 keeps them in `HookChain`s that may be empty)."""
+    """True when a launch hook is set (Triton >= 3.4 keeps them in `HookChain`s that may be empty).
+
+    Read at every hot-path call (a profiler may install hooks at any time), so kept to a few lookups.
+    """
     rt = getattr(_knobs, "runtime", None)
     if rt is None:
         return False
-    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return False
+    enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook
+    return bool((enter is not None and getattr(enter, "calls", True))
+                or (exit_ is not None and getattr(exit_, "calls", True)))
 
 
 class Launcher:
@@ -100,13 +102,28 @@ def compiled_handle(kernel, grid, ptrs, ints, consts, num_warps, num_stages=1, l
         return False
     args = tuple(p.data_ptr() for p in ptrs) + tuple(ints) + tuple(consts)
     fast = _c_launch(run, function, metadata, args)
-    if fast is not None:
-        return fast
+    return fast if fast is not None else DirectLaunch(run, (function, metadata, None, None, None), True, "run")
 
-    def launch_run(g0, g1, g2, stream, *a):
-        run(g0, g1, g2, stream, function, metadata, None, None, None, *a)
 
-    return launch_run
+class DirectLaunch:
+    """``fn(g0, g1, g2, stream, *head, *args)`` (``spread``) or ``fn(g0, g1, g2, stream, *head, args)``.
+
+    Calling the object launches with raw addresses: ``launch(g0, g1, g2, stream, *args)``. A hot path
+    may instead call ``fn`` itself with `head` and `spread` (one Python frame less per launch).
+    `kind` says which function `fn` is: ``"launch_c"`` (the C launch under Triton's Python launcher)
+    or ``"run"`` (that Python launcher, when the C call could not be recorded).
+    """
+
+    __slots__ = ("fn", "head", "spread", "kind")
+
+    def __init__(self, fn, head: tuple, spread: bool, kind: str):
+        self.fn, self.head, self.spread, self.kind = fn, head, spread, kind
+
+    def __call__(self, g0, g1, g2, stream, *args):
+        if self.spread:
+            self.fn(g0, g1, g2, stream, *self.head, *args)
+        else:
+            self.fn(g0, g1, g2, stream, *self.head, args)
 
 
 def _record_launch(run, grid, stream, function, metadata, args):
@@ -152,14 +169,7 @@ def _c_launch(run, function, metadata, args):
         return None
     if len(mids[0]) != len(mids[1]) or not all(x is y or (type(x) is int and x == y) for x, y in zip(*mids)):
         return None
-    c_launch, mid = run.launch, mids[0]
-    if spread:
-        def launch_c(g0, g1, g2, stream, *a):
-            c_launch(g0, g1, g2, stream, function, *mid, *a)
-    else:
-        def launch_c(g0, g1, g2, stream, *a):
-            c_launch(g0, g1, g2, stream, function, *mid, a)
-    return launch_c
+    return DirectLaunch(run.launch, (function, *mids[0]), spread, "launch_c")
 
 
 try:  # MINIATTN_DEBUG is read at every call, straight from the environment's dict (os.environ.get
