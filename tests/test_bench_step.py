@@ -105,7 +105,7 @@ def test_one_tiny_point_end_to_end(tmp_path, capsys):
     assert "## Decode step: the write share on" in out
     if DEVICE == "cpu":
         assert "CPU numbers" in out
-    for col in ("graph µs", "write µs/L", "write %step (a)", "write %step (b)", "a vs b", "write/attn"):
+    for col in ("graph µs", "write µs/L (a)", "write %step (a)", "(b) T1-T0", "a vs b", "write/attn"):
         assert col in out
     [path] = list(tmp_path.glob("decode_step_*_tiny_L2_*.json"))
     doc = json.loads(path.read_text())
@@ -127,6 +127,10 @@ def test_one_tiny_point_end_to_end(tmp_path, capsys):
         t = r["ablation"]["t_us"]
         assert {"0", "1", "2"} <= set(t) and all(v > 0 for v in t.values())
         assert math.isfinite(r["write_pct_step_b"]) and math.isfinite(r["a_vs_b"])
+        if DEVICE == "cuda" and r["impl"] == "miniattn":  # the headline pair, both on the graph step
+            assert "9" in t and r["ablation"]["extra"] == 8 and math.isfinite(r["write_us_b_slope"])
+            assert all("write_net" in d and "write_empty" in d for d in r["events_graph"]["layers"])
+            assert math.isfinite(r["write_us_a_net"]) and math.isfinite(r["anet_vs_bslope"])
         assert r["bytes"]["total"] == r["bytes"]["weights"] + r["bytes"]["kv_read"] + r["bytes"]["write"]
         assert r["step_eager_us"] > 0
 
@@ -139,3 +143,37 @@ def test_timing_suspect_flags_graph_timings_that_contradict_the_events():
     assert "eager step" in timing_suspect(row | {"step_graph_us": 2528.0})  # 1.29x: another context on the GPU
     assert "T1" in timing_suspect(row | {"ablation": {"t_us": {"1": 2000.0}}})
     assert timing_suspect(row | {"step_graph_us": float("nan")}) is None  # no graph: nothing to check
+
+
+def test_graph_events_are_calibrated_by_the_empty_region_before_each_write():
+    from miniattn.bench_step.events import _summarise
+
+    def replay(pair, write, attn):  # one replay's [(name, layer, µs)], as GraphRegions.read gives them
+        out = [("empty", None, pair), ("step", None, 1000.0)]
+        for layer in range(2):
+            out += [("write:empty", layer, pair), ("write", layer, write + pair),
+                    ("attn:empty", layer, pair), ("attn", layer, attn + pair), ("layer", layer, 400.0)]
+        return out
+
+    runs = [replay(2.0, 1.5, 50.0), replay(2.4, 1.5, 50.0), replay(1.8, 1.5, 50.0)]
+    split = _summarise(runs, mode="graph", queued_ahead=True)
+    for d in split.layers:
+        assert math.isclose(d["write_net"], 1.5) and math.isclose(d["attn_net"], 50.0)
+        assert math.isclose(d["write_empty"], 2.0)
+        assert math.isclose(d["rest"], 400.0 - d["write"] - d["attn"] - d["write_empty"] - d["attn_empty"])
+    assert math.isclose(split.total("write_net"), 3.0)
+    assert math.isnan(_summarise([[("step", None, 9.0), ("write", 0, 1.0), ("layer", 0, 5.0)]],
+                                 mode="eager", queued_ahead=False).total("write_net"))
+
+
+def test_ablation_slope_spreads_the_paired_difference_over_the_extra_writes():
+    from miniattn.bench_step.ablation import _result
+
+    rounds = {0: [1000.0, 1001.0, 999.0], 1: [1002.0, 1003.0, 1001.5], 2: [1004.0, 1005.0, 1003.0],
+              9: [1018.0, 1019.0, 1017.0]}
+    abl = _result(rounds, mode="graph", rounds=3, reps=10)
+    assert abl.extra == 8 and math.isclose(abl.slope_us, 2.0)  # (T9 - T1) / 8, median of paired rounds
+    assert math.isclose(abl.write_us, 2.0) and math.isclose(abl.check_us, 2.0)
+    assert abl.slope_noise_us <= abl.noise_us
+    plain = _result({k: rounds[k] for k in (0, 1, 2)}, mode="graph", rounds=3, reps=10)
+    assert plain.extra == 0 and math.isnan(plain.slope_us)

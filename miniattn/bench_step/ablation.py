@@ -1,4 +1,4 @@
-"""Method (b): the whole step with its cache writes removed (0), normal (1) and doubled (2).
+"""Method (b): the whole step with its cache writes removed (0), normal (1), doubled (2) and repeated.
 
 For each setting of ``runner.attn.write_repeats`` the device work of the step
 (`ModelRunner.decode_callable`) is captured in a CUDA graph (or, for a step that cannot be
@@ -7,6 +7,11 @@ runs `reps` back-to-back replays between two events, in a rotating order, so clo
 drift hit all variants alike; the write cost is the median over rounds of the paired difference
 ``T1 - T0`` (the check: ``T2 - T1``). A single write is a few µs inside a step of milliseconds, so
 timing the variants one after another would bury it in run-to-run noise.
+
+A write of a few µs is about what the step's run-to-run noise is. With a setting ``1 + K`` (K extra
+writes per layer, e.g. 9) the *slope* ``(T[1+K] - T1) / K`` measures one write per layer with K
+times the signal: the same paired noise spread over K writes. Removal (T1 - T0) and the slope are
+two ablations of the same cost, and the benchmark reports both.
 
 The replays are back to back without an L2 flush: a step reads the model's weights (gigabytes),
 which flushes the 50 MB L2 by itself. On a CPU the same runs are wall-clock times.
@@ -35,6 +40,8 @@ class Ablation:
     check_us : median over rounds of T2 - T1 (NaN when doubling is not supported).
     noise_us : standard error of `write_us` (1.4826 * MAD of the paired differences / sqrt(rounds)).
     mode : "graph" or "eager".
+    slope_us, slope_noise_us : ``(T[1+K] - T1) / K`` over rounds and its standard error, with
+        ``1 + K`` the largest setting when it is above 2 (else NaN); `extra` = K.
     """
 
     t_us: dict[int, float]
@@ -45,11 +52,15 @@ class Ablation:
     rounds: int
     reps: int
     rounds_us: dict[int, list[float]] = field(default_factory=dict)
+    slope_us: float = float("nan")
+    slope_noise_us: float = float("nan")
+    extra: int = 0
 
     def to_dict(self) -> dict:
         return {"t_us": {str(k): v for k, v in self.t_us.items()}, "write_us": self.write_us,
                 "check_us": self.check_us, "noise_us": self.noise_us, "mode": self.mode,
-                "rounds": self.rounds, "reps": self.reps,
+                "rounds": self.rounds, "reps": self.reps, "slope_us": self.slope_us,
+                "slope_noise_us": self.slope_noise_us, "extra": self.extra,
                 "rounds_us": {str(k): v for k, v in self.rounds_us.items()}}
 
 
@@ -103,11 +114,21 @@ def ablate_writes(engine, batch, *, graph: bool, repeats=(0, 1, 2), rounds: int 
     finally:
         attn.write_repeats = 1
         del fns, graphs
+    return _result(runs, mode="graph" if graph else "eager", rounds=rounds, reps=reps)
+
+
+def _result(runs: dict, *, mode: str, rounds: int, reps: int) -> Ablation:
+    """The Ablation of interleaved per-round times {setting: [µs, ...]} (settings 0 and 1 at least)."""
     write, noise = _paired(runs[0], runs[1])
     check = _paired(runs[1], runs[2])[0] if 2 in runs else float("nan")
+    top = max(runs)
+    slope = noise_slope = float("nan")
+    if top > 2:
+        d, e = _paired(runs[1], runs[top])
+        slope, noise_slope = d / (top - 1), e / (top - 1)
     return Ablation(t_us={n: statistics.median(v) for n, v in runs.items()}, write_us=write, check_us=check,
-                    noise_us=noise, mode="graph" if graph else "eager", rounds=rounds, reps=reps,
-                    rounds_us=runs)
+                    noise_us=noise, mode=mode, rounds=rounds, reps=reps, rounds_us=runs, slope_us=slope,
+                    slope_noise_us=noise_slope, extra=max(0, top - 1) if top > 2 else 0)
 
 
 def _with_repeats(attn, n: int, fn):
@@ -161,7 +182,4 @@ def ablate_writes_queued(engine, batch, *, repeats=(0, 1, 2), rounds: int = 7) -
         shift = r % len(keys)
         for n in keys[shift:] + keys[:shift]:
             runs[n].append(timed(n, hold)[0])
-    write, noise = _paired(runs[0], runs[1])
-    check = _paired(runs[1], runs[2])[0] if 2 in runs else float("nan")
-    return Ablation(t_us={n: statistics.median(v) for n, v in runs.items()}, write_us=write, check_us=check,
-                    noise_us=noise, mode="eager-queued", rounds=rounds, reps=1, rounds_us=runs)
+    return _result(runs, mode="eager-queued", rounds=rounds, reps=1)

@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser, default_out_dir: str = ".") -> Non
     m.add_argument("--reps", type=int, default=None, help="eager steps timed with events (median)")
     m.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the ablation")
     m.add_argument("--target-ms", type=float, default=50.0, help="length of one timed ablation block")
+    m.add_argument("--extra-writes", type=int, default=8,
+                   help="K of the ablation's slope: the graph step also with 1 + K writes per layer (0: off)")
+    m.add_argument("--graph-reps", type=int, default=30, help="replays of the graph that holds the events")
     m.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", default=default_out_dir, help="where the JSON (and plots) go")
@@ -101,7 +104,8 @@ def _config(args, cuda: bool):
     layers = pick("layers")
     layers = layers if layers and layers > 0 else None  # --layers 0: the preset's own count
     ref_max = d["reference_max_tokens"] if args.reference_max_tokens < 0 else (args.reference_max_tokens or None)
-    settings = MeasureSettings(reps=pick("reps"), rounds=pick("rounds"), target_ms=args.target_ms)
+    settings = MeasureSettings(reps=pick("reps"), rounds=pick("rounds"), target_ms=args.target_ms,
+                               extra_writes=args.extra_writes, graph_reps=args.graph_reps)
     return SweepConfig(
         preset=preset, layers=layers, shape={f: getattr(args, f) for f in SHAPE_FLAGS if getattr(args, f)},
         dtype=pick("dtype"), batches=batches, contexts=contexts, points=args.points,

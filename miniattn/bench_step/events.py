@@ -16,6 +16,12 @@ wall-clock times of synchronous work.
 `graph_event_split` times the same regions inside the CUDA-graph-replayed step instead, with
 "external" timing events captured as event-record nodes of the graph (`GraphRegions`). Both record
 an empty region first: what an event pair costs by itself (``empty_us``).
+
+In the graph an event pair is not free (about 2 µs on an H100: each event-record node sits between
+two kernels, and the kernel after it starts later), which is as long as a small write kernel
+itself. So `GraphRegions` calibrates in place: just before each "write" and "attn" region it
+records an empty region at the same spot of the graph (the region's start event closes it), and
+the per-layer ``write_net`` / ``attn_net`` are the region minus that empty region, replay by replay.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 from ..step_timer import StepTimer
 
-__all__ = ["EventSplit", "event_split", "graph_event_split", "GraphRegions", "sleep_cycles_per_us"]
+__all__ = ["EventSplit", "event_split", "graph_event_split", "GraphRegions", "CALIBRATED", "sleep_cycles_per_us"]
 
 _CYCLES_PER_US: float | None = None
 
@@ -70,8 +76,8 @@ class EventSplit:
     per_rep_step_us: list[float] = field(default_factory=list)
 
     def total(self, name: str) -> float:
-        """A component summed over layers (µs)."""
-        return sum(d[name] for d in self.layers)
+        """A component summed over layers (µs); NaN when a layer lacks it (no calibration regions)."""
+        return sum(d.get(name, float("nan")) for d in self.layers)
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "step_us": self.step_us, "outside_us": self.outside_us,
@@ -132,6 +138,12 @@ def _summarise(runs, *, mode: str, queued_ahead: bool, host_us: float = float("n
     for i in sorted(per_layer[0]):
         d = {k: statistics.median(run[i].get(k, 0.0) for run in per_layer) for k in ("write", "attn", "layer")}
         d["rest"] = d["layer"] - d["write"] - d["attn"]
+        for k in CALIBRATED:  # region minus the empty region just before it, per replay, then the median
+            if f"{k}:empty" in per_layer[0][i]:
+                d[f"{k}_empty"] = statistics.median(run[i][f"{k}:empty"] for run in per_layer)
+                d[f"{k}_net"] = statistics.median(run[i][k] - run[i][f"{k}:empty"] for run in per_layer)
+        if "write:empty" in per_layer[0][i]:  # the calibration regions belong to neither write nor attn
+            d["rest"] -= d["write_empty"] + d.get("attn_empty", 0.0)
         layers.append(d)
     step = statistics.median(steps)
     return EventSplit(layers=layers, step_us=step, outside_us=step - sum(d["layer"] for d in layers),
@@ -139,11 +151,16 @@ def _summarise(runs, *, mode: str, queued_ahead: bool, host_us: float = float("n
                       host_enqueue_us=host_us, per_rep_step_us=steps)
 
 
+#: regions that get an empty calibration region just before them in the graph ("<name>:empty")
+CALIBRATED = ("write", "attn")
+
+
 class GraphRegions:
     """`StepTimer`'s ``region(name, layer)`` with external timing events, so a graph can hold them.
 
     While `active` is False regions record nothing (warm-up runs). After a replay and a synchronize,
-    `read` gives ``[(name, layer, µs)]`` of that replay.
+    `read` gives ``[(name, layer, µs)]`` of that replay. A region named in `CALIBRATED` is preceded
+    by an empty one, ``"<name>:empty"``, whose end event is the region's start event.
     """
 
     def __init__(self):
@@ -162,6 +179,10 @@ class GraphRegions:
             yield
             return
         start = self._event()
+        if name in CALIBRATED:
+            empty_end = self._event()
+            self.marks.append((f"{name}:empty", layer, start, empty_end))
+            start = empty_end
         try:
             yield
         finally:

@@ -13,6 +13,12 @@
   ``a_vs_b_eager`` compares the two methods on the same step);
 - ``a_vs_b``: (a - b) / b of the two shares, ``agree`` False when it passes 10% by more than
   the ablation's noise;
+- the headline pair, both on the graph-replayed step (what serving runs): (a) net, events captured
+  in the graph with each region minus an empty event pair recorded just before it at the same spot
+  (``write_us_a_net`` per layer, ``write_pct_step_a_net``), and (b) slope, ``(T[1+K] - T1) / K`` of
+  the step with K extra writes per layer (``write_us_b_slope`` for all layers,
+  ``write_pct_step_b_slope``); ``anet_vs_bslope`` / ``agree_net`` compare them, ``removal_vs_slope``
+  checks the slope against T1 - T0;
 - the same events captured inside the graph-replayed step (``write_pct_step_a_graph``,
   ``ag_vs_b``), and what an empty event pair reads in each mode (``event_pair_us*``);
 - bytes moved by a perfect step (weights once, the KV read, the write) and GB/s from the graph time;
@@ -47,9 +53,11 @@ class MeasureSettings:
     """How hard to measure: event reps, ablation rounds, ms per timed block, do_bench windows."""
 
     def __init__(self, reps: int = 5, rounds: int = 7, target_ms: float = 50.0, warmup_ms: int = 25,
-                 rep_ms: int = 100):
+                 rep_ms: int = 100, extra_writes: int = 8, graph_reps: int = 30):
         self.reps, self.rounds, self.target_ms = reps, rounds, target_ms
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.extra_writes = extra_writes  # K of the ablation's slope setting 1 + K (0: none)
+        self.graph_reps = graph_reps  # replays of the graph that holds the events
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -110,7 +118,9 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
     eager_us = timing.time_eager(fn, **kw)
     graph_us = timing.time_graph(fn, **kw) if graph else float("nan")
     repeats = impl.write_repeats
-    abl = ablate_writes(engine, batch, graph=graph, repeats=repeats, rounds=settings.rounds,
+    extra = getattr(settings, "extra_writes", 0)
+    abl_repeats = repeats + (1 + extra,) if graph and 2 in repeats and extra > 0 else repeats
+    abl = ablate_writes(engine, batch, graph=graph, repeats=abl_repeats, rounds=settings.rounds,
                         target_ms=settings.target_ms, step_us_hint=graph_us if graph else eager_us)
 
     # (b) on the eager step queued ahead: the same execution (a) times, with no events inside
@@ -119,7 +129,7 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
     gev, gev_error = None, None
     if graph:
         try:
-            gev = graph_event_split(engine, batch, settings.reps)
+            gev = graph_event_split(engine, batch, getattr(settings, "graph_reps", settings.reps))
         except Exception as e:  # events captured in a graph need torch >= 2.8 (external events)
             gev_error = f"{type(e).__name__}: {str(e)[:200]}"
             try:
@@ -138,12 +148,20 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
                                        if abl_e else (float("nan"), False, None))
     share_ag = _pct(gev.total("write"), gev.step_us) if gev else float("nan")
     diff_g, within_noise_g, agree_g = _agreement(share_ag, share_b, t1, abl.noise_us, impl.fused_write)
+    # headline: both methods on the graph-replayed step, shares of the same T1
+    write_net = gev.total("write_net") if gev else float("nan")
+    share_an = _pct(write_net, t1)
+    share_bs = _pct(abl.slope_us, t1)
+    diff_n, within_noise_n, agree_n = _agreement(share_an, share_bs, t1, abl.slope_noise_us, impl.fused_write)
+    removal_vs_slope = ((abl.write_us - abl.slope_us) / abl.slope_us
+                        if abl.slope_us and not math.isnan(abl.slope_us) else float("nan"))
     b = step_bytes(engine.model, batch.batch_size, batch.context_len, engine.config.kv_cache_dtype)
     ref_us = graph_us if graph else eager_us
     # full-model estimate: per-layer time in the graph = the cut model's layers' share of T1
     per_layer_graph = (t1 - ev.outside_us * t1 / ev.step_us) / n_layers if ev.step_us else float("nan")
     full_step = t1 - n_layers * per_layer_graph + full_layers * per_layer_graph
-    full_share = _pct(abl.write_us / n_layers * full_layers, full_step)
+    write_b = abl.slope_us if not math.isnan(abl.slope_us) else abl.write_us  # the finer of the two ablations
+    full_share = _pct(write_b / n_layers * full_layers, full_step)
     return _with_suspect({
         "step_graph_us": graph_us,
         "step_eager_us": eager_us,
@@ -175,6 +193,17 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
         "ag_vs_b": diff_g,
         "agree_graph": agree_g,
         "within_noise_graph": within_noise_g,
+        "write_us_a_net": write_net / n_layers,
+        "attn_us_a_net": gev.total("attn_net") / n_layers if gev else float("nan"),
+        "write_pct_step_a_net": share_an,
+        "write_us_b_slope": abl.slope_us,
+        "write_us_b_slope_layer": abl.slope_us / n_layers,
+        "slope_noise_us": abl.slope_noise_us,
+        "write_pct_step_b_slope": share_bs,
+        "anet_vs_bslope": diff_n,
+        "agree_net": agree_n,
+        "within_noise_net": within_noise_n,
+        "removal_vs_slope": removal_vs_slope,
         "event_pair_us": ev.empty_us,
         "event_pair_us_graph": gev.empty_us if gev else float("nan"),
         "queued_ahead": ev.queued_ahead,

@@ -11,9 +11,17 @@
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["plot_results"]
 
 PARTS = (("write", "write", "tab:red"), ("attention", "attn", "tab:blue"), ("rest of layers", "rest", "tab:gray"))
+
+
+def _pick(row: dict, key: str, fallback: str) -> float:
+    """row[key] when it is a number (results of this version), else row[fallback] (older results)."""
+    v = row.get(key)
+    return v if isinstance(v, (int, float)) and not math.isnan(v) else row.get(fallback, float("nan"))
 
 
 def _runs(rows):
@@ -42,7 +50,7 @@ def _bars(plt, runs, order, title):
         ax.plot(x, [r["step_graph_us"] for r in rows], "k.", label="graph step")
         ax.set_xticks(list(x), [f"b{r['batch']}\nc{r['context']}" for r in rows], fontsize=6)
         for i, r in enumerate(rows):  # the write's share (ablation) above each bar; '?' if the timing is suspect
-            txt = "?" if r.get("suspect") else f"{r['write_pct_step_b']:.1f}%"
+            txt = "?" if r.get("suspect") else f"{_pick(r, 'write_pct_step_b_slope', 'write_pct_step_b'):.1f}%"
             ax.annotate(txt, (i, bottom[i] + h[i]), ha="center", va="bottom", fontsize=6, color="tab:red")
         ax.set_ylabel("µs per step")
         ax.set_title(f"{lay} / {kvd} / {impl}", fontsize=9)
@@ -64,18 +72,20 @@ def _share(plt, runs, pivot_batch, pivot_context, title):
         left_out += sum(1 for r in rows if r.get("suspect"))
         rows = [r for r in rows if not r.get("suspect")]
         label = f"{lay}/{kvd}"
-        panels = ((a1, pivot_context, "context", "batch", "write_pct_step_b", "write_pct_step_a"),
-                  (a2, pivot_batch, "batch", "context", "write_pct_step_b", "write_pct_step_a"),
-                  (a3, pivot_context, "context", "batch", "write_us_b", None))
-        for ax, fixed, key_fixed, key_x, key_b, key_a in panels:
+        share_b = lambda r: _pick(r, "write_pct_step_b_slope", "write_pct_step_b")  # noqa: E731
+        share_a = lambda r: _pick(r, "write_pct_step_a_net", "write_pct_step_a")  # noqa: E731
+        us_b = lambda r: _pick(r, "write_us_b_slope", "write_us_b") / len(r["layers"])  # noqa: E731
+        panels = ((a1, pivot_context, "context", "batch", share_b, share_a),
+                  (a2, pivot_batch, "batch", "context", share_b, share_a),
+                  (a3, pivot_context, "context", "batch", us_b, None))
+        for ax, fixed, key_fixed, key_x, get_b, get_a in panels:
             pts = sorted((r for r in rows if r[key_fixed] == fixed), key=lambda r: r[key_x])
             if not pts:
                 continue
             xs = [r[key_x] for r in pts]
-            ys = [r[key_b] / (len(r["layers"]) if key_b == "write_us_b" else 1) for r in pts]
-            line, = ax.plot(xs, ys, "-o", ms=3, label=label)
-            if key_a:
-                ax.plot(xs, [r[key_a] for r in pts], "--", color=line.get_color(), lw=0.8)
+            line, = ax.plot(xs, [get_b(r) for r in pts], "-o", ms=3, label=label)
+            if get_a:
+                ax.plot(xs, [get_a(r) for r in pts], "--", color=line.get_color(), lw=0.8)
     a1.set_xlabel(f"batch (context {pivot_context})")
     a2.set_xlabel(f"context (batch {pivot_batch})")
     a3.set_xlabel(f"batch (context {pivot_context})")

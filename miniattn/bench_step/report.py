@@ -17,16 +17,18 @@ COLUMNS = [
     ("batch", "batch", "{}"), ("ctx", "context", "{}"), ("timing", "suspect", None),
     ("graph µs", "step_graph_us", "{:.0f}"), ("eager µs", "step_eager_us", "{:.0f}"),
     ("GB/s", "step_gbps", "{:.0f}"), ("% copy", "step_pct_copy", "{:.0f}"),
-    ("write µs/L", "write_us", "{:.1f}"), ("attn µs/L", "attn_us", "{:.1f}"), ("rest µs/L", "rest_us", "{:.1f}"),
-    ("write %L", "write_pct_layer", "{:.2f}"),
-    ("write %step (a)", "write_pct_step_a", "{:.2f}"), ("(a) raw", "write_pct_step_a_raw", "{:.2f}"),
-    ("write %step (b)", "write_pct_step_b", "{:.2f}"), ("(b) T2-T1", "check_pct_step_b", "{:.2f}"),
-    ("a vs b", "a_vs_b", None), ("(b) eager", "write_pct_step_b_eager", "{:.2f}"),
-    ("a vs b eager", "a_vs_b_eager", None),
-    ("(a) graph", "write_pct_step_a_graph", "{:.2f}"), ("ag vs b", "ag_vs_b", None),
+    ("write µs/L (a)", "write_us_a_net", "{:.2f}"), ("write µs/L (b)", "write_us_b_slope_layer", "{:.2f}"),
+    ("a vs b", "anet_vs_bslope", None),
+    ("write %step (a)", "write_pct_step_a_net", "{:.2f}"), ("write %step (b)", "write_pct_step_b_slope", "{:.2f}"),
+    ("(b) T1-T0", "write_pct_step_b", "{:.2f}"), ("(b) T2-T1", "check_pct_step_b", "{:.2f}"),
+    ("attn µs/L", "attn_us", "{:.1f}"), ("rest µs/L", "rest_us", "{:.1f}"), ("write %L", "write_pct_layer", "{:.2f}"),
+    ("eager write µs/L", "write_us", "{:.1f}"), ("eager vs T1-T0", "a_vs_b", None),
     ("write/attn", "write_per_attn", "{:.3f}"),
     ("%step full est", "write_pct_step_full_est", "{:.2f}"),
 ]
+#: agreement columns and the flag saying whether a miss is within the ablation's noise
+_AGREEMENT = {"anet_vs_bslope": "within_noise_net", "a_vs_b": "within_noise", "ag_vs_b": "within_noise_graph",
+              "a_vs_b_eager": "within_noise_eager"}
 
 LEGEND = f"""\
 timing: SUSPECT when the graph timings contradict the eager events (another context on the GPU,
@@ -34,31 +36,35 @@ timing: SUSPECT when the graph timings contradict the eager events (another cont
 graph / eager µs: the step's device work replayed from a CUDA graph / called eagerly (do_bench median,
   cold L2; input preparation excluded). GB/s: bytes of a perfect step (weights once, KV read, write)
   over the graph time; % copy: of the device-to-device copy ceiling measured in the same run.
-write / attn / rest µs/L: per layer (mean over layers), method (a) = CUDA events inside the eager step,
-  queued ahead of the GPU so launch gaps are not counted; rest = projections, rotary, MLP, norms.
-write %L: of the layer. write %step (a): all layers' writes over the events' step.
-(a) raw: the same events without queueing ahead (launch gaps counted, what a naive profile shows).
-write %step (b): ablation, (T1 - T0) / T1 with T0 / T1 / T2 the graph-replayed step with 0 / 1 / 2
-  writes per layer (interleaved, paired); (b) T2-T1: (T2 - T1) / T1, the check.
-a vs b: (a - b) / b; '!' beyond {AGREE_TOL:.0%} and beyond 2x the ablation's noise, '~' beyond {AGREE_TOL:.0%} but
+write µs/L, write %step: the write per layer and all layers' writes as a share of the graph step T1,
+  by the two methods, both on the graph-replayed step (what serving runs):
+  (a) CUDA events captured in the graph around each layer's write, minus an empty event pair
+      recorded just before it at the same spot of the graph (what the events themselves cost),
+      median over replays;
+  (b) ablation: (T[1+K] - T1) / K, T[n] = the graph step with n writes per layer (interleaved,
+      paired rounds; K extra writes give K times the signal of one);
+  a vs b: (a - b) / b; '!' beyond {AGREE_TOL:.0%} and beyond 2x the ablation's noise, '~' beyond {AGREE_TOL:.0%} but
   within its noise; 'fused': the write is inside the attention kernel (flash-attn), no separate time.
-(b) eager, a vs b eager: the ablation of the eager step queued ahead (the execution (a) times, with
-  no events inside) and (a)'s agreement with it: the two methods on the same step.
-(a) graph, ag vs b: the same events captured inside the graph-replayed step (event-record nodes
-  between the kernels: no launch gaps, the graph's own kernel spacing) and its agreement with (b).
-%step full est: write share for the preset's full layer count (per-layer graph time scaled)."""
+(b) T1-T0, T2-T1: removing / doubling the writes, (T1 - T0) / T1 and (T2 - T1) / T1: the same
+  ablation with one write's signal (checks of the slope; noisier).
+attn / rest µs/L, write %L, eager write µs/L: CUDA events inside the eager step queued ahead of the
+  GPU (launch gaps not counted; rest = projections, rotary, MLP, norms; an eager event pair adds ~1 µs
+  to each region); eager vs T1-T0: that eager write share against (b) T1-T0.
+%step full est: write share for the preset's full layer count (per-layer graph time scaled).
+The JSON holds more: the events without queueing ahead (a raw), the ablation of the eager step, the
+  graph events without calibration."""
 
 
 def _cell(row: dict, key: str, fmt: str | None) -> str:
     v = row.get(key)
     if key == "suspect":
         return "SUSPECT" if v else "ok"
-    if key in ("a_vs_b", "ag_vs_b", "a_vs_b_eager"):
+    if key in _AGREEMENT:
         if row.get("impl") == "flash-attn":
             return "fused"
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "n/a"
-        noise = row.get({"a_vs_b": "within_noise", "ag_vs_b": "within_noise_graph"}.get(key, "within_noise_eager"))
+        noise = row.get(_AGREEMENT[key])
         mark = "" if abs(v) <= AGREE_TOL else (" ~" if noise else " !")
         return f"{100 * v:+.0f}%{mark}"
     if v is None or (isinstance(v, float) and math.isnan(v)):
