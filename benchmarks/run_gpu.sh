@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for any mix of the GPU stages below, on whatever GPU the device tool lends.
 # usage: benchmarks/run_gpu.sh OUTDIR STAGE [STAGE ...]
-#   tests   the whole test suite on CUDA tensors (8 workers)
+#   tests   the whole test suite on CUDA tensors (8 workers); quicktests: launch, write, step-bench files
 #   write   cache-write sweeps: 8 heads auto / fp8, 128 heads, paged5d, peers that import (FlashInfer)
 #   host    eager host cost: write / decode breakdowns, host-loop sweeps next to FlashInfer (two runs)
 #   decode  paged decode sweep (all modes, peers that import)
@@ -26,6 +26,9 @@ for stage in "$@"; do
   case $stage in
     tests)
       timeout 300 python -m pytest -q -n 8 -p no:cacheprovider tests > "$out/tests.log" 2>&1 ;;
+    quicktests)  # the files a host-path or benchmark change touches
+      timeout 200 python -m pytest -q -n 8 -p no:cacheprovider tests/test_launch.py tests/test_cache_write.py \
+        tests/test_bench_step.py > "$out/tests.log" 2>&1 ;;
     write)
       {
         timeout 150 $W --num-heads 8 --num-blocks 65536 --implementation triton,torch,peers --plot
@@ -50,7 +53,7 @@ for stage in "$@"; do
     decode)
       timeout 540 python benchmarks/benchmark_paged_decode.py --plot > "$out/decode.log" 2>&1 ;;
     step)
-      timeout 400 $S --batch 1,64,256 --context 512,4096,32768 --layouts NHD,paged5d --per-layer --plot \
+      timeout 400 $S --batch 1,64,256 --context 512,4096,32768 --layouts NHD,paged5d --peers none --plot \
         --tag validation > "$out/step.log" 2>&1 ;;
     sweep)
       timeout 560 $S --plot > "$out/sweep.log" 2>&1 ;;
