@@ -17,11 +17,18 @@ wall-clock times of synchronous work.
 "external" timing events captured as event-record nodes of the graph (`GraphRegions`). Both record
 an empty region first: what an event pair costs by itself (``empty_us``).
 
-In the graph an event pair is not free (about 2 µs on an H100: each event-record node sits between
-two kernels, and the kernel after it starts later), which is as long as a small write kernel
-itself. So `GraphRegions` calibrates in place: just before each "write" and "attn" region it
-records an empty region at the same spot of the graph (the region's start event closes it), and
-the per-layer ``write_net`` / ``attn_net`` are the region minus that empty region, replay by replay.
+In the graph an event pair is not free (about 2 µs on an H100), and worse, it is not the same
+cost as the kernel-to-kernel hand-over it replaces: a kernel that follows an event-record node
+starts later than one that follows a kernel. Bracketing a 1.5 µs write with events read ~2.7 µs
+over an empty pair on an H200, twice what the ablation finds. So `GraphRegions` guards and
+calibrates in place. For each "write" and "attn" region the graph holds
+
+    E0  N  N  E1  N  [region]  N  E2        (N: a null kernel, E: an event-record node)
+
+and ``<name>_net = (E2 - E1) - (E1 - E0)``, replay by replay. Every hand-over around the region
+is then kernel-to-kernel, as in the step without events, and the calibration has the same event
+and null-kernel hand-overs: what is left is the region's kernels plus one kernel-to-kernel gap,
+which is what removing them from the graph saves.
 """
 
 from __future__ import annotations
@@ -160,11 +167,13 @@ class GraphRegions:
 
     While `active` is False regions record nothing (warm-up runs). After a replay and a synchronize,
     `read` gives ``[(name, layer, µs)]`` of that replay. A region named in `CALIBRATED` is preceded
-    by an empty one, ``"<name>:empty"``, whose end event is the region's start event.
+    by an empty one, ``"<name>:empty"``, whose end event is the region's start event; `guard`
+    (a null-kernel launch) puts kernels between every event and the regions' own kernels.
     """
 
-    def __init__(self):
+    def __init__(self, guard=None):
         self.active = False
+        self.guard = guard  # launches a null kernel (None: calibrate without guards)
         self.marks: list[tuple[str, int | None, object, object]] = []
 
     @staticmethod
@@ -179,28 +188,39 @@ class GraphRegions:
             yield
             return
         start = self._event()
-        if name in CALIBRATED:
+        calibrated, guard = name in CALIBRATED, self.guard or (lambda: None)
+        if calibrated:  # E0 N N E1 N [region] N E2 (see the module docstring)
+            guard()
+            guard()
             empty_end = self._event()
             self.marks.append((f"{name}:empty", layer, start, empty_end))
             start = empty_end
+            guard()
         try:
             yield
         finally:
+            if calibrated:
+                guard()
             self.marks.append((name, layer, start, self._event()))
 
     def read(self) -> list[tuple[str, int | None, float]]:
         return [(n, l, s.elapsed_time(e) * 1e3) for n, l, s, e in self.marks]
 
 
+def null_kernel() -> None:
+    """Launch a kernel that does nothing (one thread; `torch.cuda._sleep` of 0 cycles)."""
+    torch.cuda._sleep(0)
+
+
 def graph_event_split(engine, batch, reps: int = 5) -> EventSplit:
     """The per-layer regions of the step replayed from a CUDA graph that holds the events.
 
     The event-record nodes sit between the kernels of the graph, so each region times its nodes as
-    the graph runs them (no launch gaps) plus one event node.
+    the graph runs them (no launch gaps); "write" and "attn" are guarded and calibrated in place.
     """
     runner = engine.runner
     ids, b = runner.prepare_decode(batch.seqs)
-    timer = GraphRegions()
+    timer = GraphRegions(guard=null_kernel)
 
     @torch.no_grad()
     def step():

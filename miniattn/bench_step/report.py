@@ -38,9 +38,9 @@ graph / eager µs: the step's device work replayed from a CUDA graph / called ea
   over the graph time; % copy: of the device-to-device copy ceiling measured in the same run.
 write µs/L, write %step: the write per layer and all layers' writes as a share of the graph step T1,
   by the two methods, both on the graph-replayed step (what serving runs):
-  (a) CUDA events captured in the graph around each layer's write, minus an empty event pair
-      recorded just before it at the same spot of the graph (what the events themselves cost),
-      median over replays;
+  (a) CUDA events captured in the graph around each layer's write, with null kernels between the
+      events and the write, minus an empty region of the same events and null kernels recorded
+      just before it (what the instrumentation itself costs), median over replays;
   (b) ablation: (T[1+K] - T1) / K, T[n] = the graph step with n writes per layer (interleaved,
       paired rounds; K extra writes give K times the signal of one);
   a vs b: (a - b) / b; '!' beyond {AGREE_TOL:.0%} and beyond 2x the ablation's noise, '~' beyond {AGREE_TOL:.0%} but
