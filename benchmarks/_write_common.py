@@ -186,6 +186,10 @@ def _flashinfer(kv_layout):
     prepared = {}
 
     def run(i):
+        _, heads, head_size = i["key"].shape
+        if heads * head_size // 8 > 1024:  # refused at launch, and the error would surface later, elsewhere
+            raise ValueError(f"FlashInfer's append uses heads * head_size / 8 = {heads * head_size // 8} "
+                             "threads per block (> 1024)")
         # every token is its own one-page "request": page = slot // bs, position = slot % bs
         slots = i["slot_mapping"]
         bs = i["key_cache"].shape[1 if kv_layout == "NHD" else 2]

@@ -4,7 +4,8 @@
 #   tests   the whole test suite on CUDA tensors (8 workers); quicktests: launch, write, step-bench files
 #   write   cache-write sweeps: 8 heads auto / fp8, 128 heads, paged5d, peers that import (FlashInfer)
 #   host    eager host cost: write / decode breakdowns, host-loop sweeps next to FlashInfer (two runs)
-#   decode  paged decode sweep (all modes, peers that import)
+#   write128  the 128-head write sweep alone
+#   decode  paged decode sweep (all modes, NHD and paged5d, peers that import)
 #   step    decode-step benchmark: validation points (per layer)
 #   sweep   decode-step benchmark: the full sweep
 # Logs go to OUTDIR; results (JSON, PNG, logs) are written under benchmarks/results/ and tarred into
@@ -50,8 +51,11 @@ for stage in "$@"; do
             --tag "host_rep$rep"
         done
       } > "$out/host.log" 2>&1 ;;
-    decode)
-      timeout 540 python benchmarks/benchmark_paged_decode.py --plot > "$out/decode.log" 2>&1 ;;
+    write128)
+      timeout 100 $W --num-heads 128 --num-blocks 16384 --implementation triton,peers --plot > "$out/write128.log" 2>&1 ;;
+    decode)  # HND reads as NHD (+-1%, every earlier run): NHD and paged5d
+      timeout 420 python benchmarks/benchmark_paged_decode.py --layouts NHD,paged5d --peers sdpa,flashinfer,flashinfer_tc \
+        --plot > "$out/decode.log" 2>&1 ;;
     step)
       timeout 400 $S --batch 1,64,256 --context 512,4096,32768 --layouts NHD,paged5d --peers none --plot \
         --tag validation > "$out/step.log" 2>&1 ;;
