@@ -406,8 +406,7 @@ def report(args, result: dict, name: str, flash: bool) -> None:
 
 
 def default_stem(args, name):
-    dev = "h100" if torch.cuda.is_available() and "H100" in torch.cuda.get_device_name() else (
-        torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu")
+    dev = timing.device_tag()
     return f"{name}_{dev}_h{args.num_heads}_d{args.head_size}_bs{args.block_size}_{args.dtype}_{args.kv_cache_dtype}"
 
 

@@ -486,7 +486,7 @@ def run_host_stub(a, calls=20000):
 def main(argv=None):
     a = parse_args(argv)
     os.makedirs(a.out_dir, exist_ok=True)
-    dev = timing.env_info()["device"].replace(" ", "_")
+    dev = timing.device_tag()
     tag = f"_{a.tag}" if a.tag else ""
     config = {k: v for k, v in vars(a).items()}
     if a.host_stub:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -146,6 +147,14 @@ def read_bandwidth(nbytes: int = 1 << 30, mode: str = "graph") -> float:
 
 def gbps(nbytes: int, us: float) -> float:
     return nbytes / us / 1e3 if us > 0 else float("nan")
+
+
+def device_tag(device_name: str | None = None) -> str:
+    """Short lower-case device name for result file names: 'h100', 'h200', 'a100', else a slug; 'cpu'."""
+    if device_name is None:
+        device_name = torch.cuda.get_device_name() if has_cuda() else "cpu"
+    m = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", device_name.lower())
+    return m.group(1) if m else (re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "gpu")
 
 
 def env_info() -> dict:

@@ -177,3 +177,11 @@ def test_ablation_slope_spreads_the_paired_difference_over_the_extra_writes():
     assert abl.slope_noise_us <= abl.noise_us
     plain = _result({k: rounds[k] for k in (0, 1, 2)}, mode="graph", rounds=3, reps=10)
     assert plain.extra == 0 and math.isnan(plain.slope_us)
+
+
+def test_result_files_are_named_by_a_short_device_tag():
+    from miniattn.timing import device_tag
+
+    assert [device_tag(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB")] == \
+        ["h100", "h200", "a100"]
+    assert device_tag("Tesla T4") == "tesla-t4"

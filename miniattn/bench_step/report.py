@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 from .. import timing
 from .measure import AGREE_TOL, timing_suspect
@@ -122,11 +121,7 @@ def format_layers(row: dict) -> str:
 
 def file_stem(result: dict, env: dict) -> str:
     """decode_step_<device>_<preset>_L<layers>_<dtype>, e.g. decode_step_h100_llama-8b_L4_bfloat16."""
-    if env.get("cpu_only"):
-        dev = "cpu"
-    else:
-        m = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", env.get("device", "").lower())
-        dev = m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", env.get("device", "gpu").lower()).strip("-")
+    dev = "cpu" if env.get("cpu_only") else timing.device_tag(env.get("device", "gpu"))
     cfg = result["config"]
     return f"decode_step_{dev}_{cfg['preset']}_L{result['model']['num_layers']}_{cfg['dtype']}"
 
