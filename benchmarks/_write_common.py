@@ -62,8 +62,7 @@ def parser(description: str, layouts: tuple[str, ...], default_num_heads: int, d
     p.add_argument("--layouts", default=",".join(layouts), help="comma list of " + ", ".join(layouts))
     p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="comma list of num_tokens")
     p.add_argument("--configs", default="",
-                   help="tuning: comma list of HEADSxWARPS launch configs to time as extra 'triton[HxW]' rows "
-                        "(suffix s: with streaming cache hints, e.g. 8x4s)")
+                   help="tuning: comma list of HEADSxWARPS launch configs to time as extra 'triton[HxW]' rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<name>.json)")
     p.add_argument("--plot", action="store_true", help="also draw latency and bandwidth vs tokens (PNG)")
@@ -237,13 +236,6 @@ def make_impl(name: str, kv_layout: str):
 
 # ------------------------------------------------------------------------------------------- sweep
 
-def _parse_config(text: str) -> tuple[int, int, bool]:
-    """'8x4' -> (8, 4, False); a trailing 's' ('8x4s') also turns on the streaming cache hints."""
-    stream = text.strip().endswith("s")
-    heads, warps = text.strip().rstrip("s").split("x")
-    return int(heads), int(warps), stream
-
-
 def _time(fn, modes, iters):
     out = {}
     for m in modes:
@@ -309,7 +301,7 @@ def run(args, flash: bool, name: str) -> dict:
     impls = resolve_implementations(args.implementation, flash)
     modes = MODES[args.mode]
     primary = modes[0]
-    configs = [_parse_config(c) for c in args.configs.split(",") if c.strip()]
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",") if c.strip()]
 
     ceilings = {"ceiling": float("nan")} if args.no_ceiling else measure_ceilings()
     ceiling = ceilings["ceiling"]
@@ -329,15 +321,14 @@ def run(args, flash: bool, name: str) -> dict:
             else:
                 runners.append((impl, fn, None))
         for cfg in configs:
-            runners.append((f"triton[{cfg[0]}x{cfg[1]}{'s' if cfg[2] else ''}]", _ours(lay), cfg))
+            runners.append((f"triton[{cfg[0]}x{cfg[1]}]", _ours(lay), cfg))
         for n in tokens:
             inputs = case.inputs(n)
             nbytes = case.bytes_moved(n)
             if n not in copy_at and not args.no_ceiling:
                 copy_at[n] = _same_size_copy_us(nbytes)
             for impl, fn, cfg in runners:
-                cache_write._CONFIG_OVERRIDE = cfg[:2] if cfg else None
-                cache_write._STREAM_HINTS = bool(cfg and cfg[2])
+                cache_write._CONFIG_OVERRIDE = cfg
                 cache_write._PLANS.clear()
                 try:
                     us = _time(lambda: fn(inputs), modes, args.iters)
@@ -346,7 +337,6 @@ def run(args, flash: bool, name: str) -> dict:
                     continue
                 finally:
                     cache_write._CONFIG_OVERRIDE = None
-                    cache_write._STREAM_HINTS = False
                     cache_write._PLANS.clear()
                 bw = timing.gbps(nbytes, us[primary])
                 peer = PEER_BEST_GRAPH_US.get((lay, args.num_heads, "fp8" if case.fp8 else "auto"), {}).get(n)

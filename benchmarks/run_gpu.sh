@@ -54,9 +54,9 @@ for stage in "$@"; do
     writetune)  # launch configs (heads per program x warps) at the sizes the targets name
       {
         timeout 120 $W --num-heads 128 --num-blocks 16384 --mode cudagraph --implementation triton --layouts NHD \
-          --tokens 16384,65536 --configs 8x4,8x4s,8x2,8x2s,16x4s,4x2s --out /tmp/tune128.json
+          --tokens 16384,65536 --configs 8x4,8x2,16x4,16x8,32x8,32x16,4x2,4x4 --out /tmp/tune128.json
         timeout 120 $W --num-heads 8 --num-blocks 65536 --mode cudagraph --implementation triton --layouts NHD \
-          --tokens 4096,16384,65536 --configs 8x1,8x1s,8x2,8x2s,8x4,8x4s --out /tmp/tune8.json
+          --tokens 4096,16384,65536 --configs 8x1,8x2,8x4,8x8,4x1,4x2 --out /tmp/tune8.json
       } > "$out/writetune.log" 2>&1 ;;
     write128)
       timeout 100 $W --num-heads 128 --num-blocks 16384 --implementation triton,peers --plot > "$out/write128.log" 2>&1 ;;

@@ -135,7 +135,6 @@ def _reshape_and_cache_kernel(
     K_SCALE_PER_HEAD: tl.constexpr,  # FP8: k_scale is [num_kv_heads] (else one element)
     V_SCALE_PER_HEAD: tl.constexpr,  # FP8: v_scale is [num_kv_heads] (else one element)
     ROUND_ON_GRID: tl.constexpr,  # interpreter only, see _round_to_fp8_grid
-    STREAM: tl.constexpr,  # streaming cache hints: inputs evict-first, cache rows stored ".cs"
 ):
     pid = tl.program_id(0)
     tok = pid // NUM_HEAD_BLOCKS
@@ -150,14 +149,8 @@ def _reshape_and_cache_kernel(
     # (key/value have num_tokens rows) and making the loads wait for the slot would cost a latency.
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     tok = tok.to(tl.int64)
-    k_src = key_ptr + tok * key_stride_tok + heads[:, None] * key_stride_head + dk[None, :]
-    v_src = value_ptr + tok * value_stride_tok + heads[:, None] * value_stride_head + dv[None, :]
-    if STREAM:
-        k = tl.load(k_src, mask=k_mask, eviction_policy="evict_first")
-        v = tl.load(v_src, mask=v_mask, eviction_policy="evict_first")
-    else:
-        k = tl.load(k_src, mask=k_mask)
-        v = tl.load(v_src, mask=v_mask)
+    k = tl.load(key_ptr + tok * key_stride_tok + heads[:, None] * key_stride_head + dk[None, :], mask=k_mask)
+    v = tl.load(value_ptr + tok * value_stride_tok + heads[:, None] * value_stride_head + dv[None, :], mask=v_mask)
     if FP8_FORMAT != 0:
         if K_SCALE_PER_HEAD:
             k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)[:, None]
@@ -190,16 +183,10 @@ def _reshape_and_cache_kernel(
 
     if FP8_FORMAT != 0:  # bitcast: a uint8 cache holds the same bits as a float8 one
         k = _quantize_fp8(k, k_scale, FP8_FORMAT, ROUND_ON_GRID).to(key_cache_ptr.dtype.element_ty, bitcast=True)
-    if STREAM:
-        tl.store(kc + k_inner, k, mask=k_store, cache_modifier=".cs")
-    else:
-        tl.store(kc + k_inner, k, mask=k_store)
+    tl.store(kc + k_inner, k, mask=k_store)
     if FP8_FORMAT != 0:
         v = _quantize_fp8(v, v_scale, FP8_FORMAT, ROUND_ON_GRID).to(value_cache_ptr.dtype.element_ty, bitcast=True)
-    if STREAM:
-        tl.store(vc + v_inner, v, mask=v_store, cache_modifier=".cs")
-    else:
-        tl.store(vc + v_inner, v, mask=v_store)
+    tl.store(vc + v_inner, v, mask=v_store)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +205,6 @@ _LAUNCH = Launcher(_reshape_and_cache_kernel) if triton_available() else None
 _PLANS: dict = {}
 #: (heads_per_program, num_warps) forced by benchmarks/tuning; None = the heuristic below.
 _CONFIG_OVERRIDE: tuple | None = None
-#: streaming cache hints in the kernel (STREAM); a benchmark switch, off by default
-_STREAM_HINTS = False
 
 
 def _next_pow2(n: int) -> int:
@@ -392,7 +377,7 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     k_per_head = bool(fp8) and num_kv_heads > 1 and k_scale.numel() == num_kv_heads
     v_per_head = bool(fp8) and num_kv_heads > 1 and v_scale.numel() == num_kv_heads
     plan.consts = (block_size, head_size_k, head_size_v, block_dk, block_dv, hpp, num_head_blocks, key_x, fp8,
-                   k_per_head, v_per_head, interpreting(), _STREAM_HINTS)
+                   k_per_head, v_per_head, interpreting())
     plan.tail = plan.ints + plan.consts
     return plan
 
