@@ -4,7 +4,7 @@
 #   tests   the whole test suite on CUDA tensors (8 workers); quicktests: launch, write, step-bench files
 #   write   cache-write sweeps: 8 heads auto / fp8, 128 heads, paged5d, peers that import (FlashInfer)
 #   host    eager host cost: write / decode breakdowns, host-loop sweeps next to FlashInfer (two runs)
-#   write128  the 128-head write sweep alone
+#   write128  the 128-head write sweep alone; writeauto: the 8-head ones (FP8 with configs side by side)
 #   decode  paged decode sweep (all modes, NHD and paged5d, peers that import)
 #   step    decode-step benchmark: validation points (per layer)
 #   sweep   decode-step benchmark: the full sweep
@@ -58,6 +58,12 @@ for stage in "$@"; do
         timeout 120 $W --num-heads 8 --num-blocks 65536 --mode cudagraph --implementation triton --layouts NHD \
           --tokens 4096,16384,65536 --configs 8x1,8x2,8x4,8x8,4x1,4x2 --out /tmp/tune8.json
       } > "$out/writetune.log" 2>&1 ;;
+    writeauto)  # the 8-head sweeps alone (auto, then FP8 with its launch configs side by side)
+      {
+        timeout 150 $W --num-heads 8 --num-blocks 65536 --implementation triton,torch,peers --plot
+        timeout 120 $W --num-heads 8 --num-blocks 65536 --implementation triton,peers --kv-cache-dtype fp8 --plot \
+          --configs 8x1,8x2,8x4
+      } > "$out/writeauto.log" 2>&1 ;;
     write128)
       timeout 100 $W --num-heads 128 --num-blocks 16384 --implementation triton,peers --plot > "$out/write128.log" 2>&1 ;;
     decode)  # HND reads as NHD (+-1%, every earlier run): NHD and paged5d
