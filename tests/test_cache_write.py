@@ -371,9 +371,11 @@ def test_launch_config_heuristic(num_kv_heads, head_size):
 
 def test_launch_config_measured_choices():
     """The choices the notes report: 8 heads x 128 bf16 -> 8 heads per program, 4 warps, 1 warp once
-    the grid passes one wave of 4-warp programs (2112 on 132 SMs); 128 heads -> 8 x 4; paged5d -> 4 x 2."""
+    the grid passes one wave of 4-warp programs (2112 on 132 SMs), 2 for FP8; 128 heads -> 8 x 4;
+    paged5d -> 4 x 2."""
     cfg = cache_write._launch_config
     assert [cfg(8, 128, 2, "NHD", n, 132) for n in (1, 1024, 2112, 2113, 4096, 65536)] == \
         [(8, 4), (8, 4), (8, 4), (8, 1), (8, 1), (8, 1)]
+    assert [cfg(8, 128, 2, "NHD", n, 132, True) for n in (1024, 4096, 65536)] == [(8, 4), (8, 2), (8, 2)]  # FP8
     assert cfg(128, 128, 2, "HND", 4096, 132) == (8, 4)
     assert cfg(8, 128, 2, "paged5d", 4096, 132) == (4, 2)

@@ -212,7 +212,7 @@ def _next_pow2(n: int) -> int:
 
 
 def _launch_config(num_kv_heads: int, block_d: int, elem_size: int, kv_layout: str = "NHD", num_tokens: int = 0,
-                   num_sms: int = 0) -> tuple[int, int]:
+                   num_sms: int = 0, fp8: bool = False) -> tuple[int, int]:
     """(heads_per_program, num_warps) from a small heuristic (H100 measurements in benchmarks/README.md).
 
     A program per token (times head blocks) keeps num_tokens out of the kernel: nothing to mask, no
@@ -223,7 +223,9 @@ def _launch_config(num_kv_heads: int, block_d: int, elem_size: int, kv_layout: s
     fit on an SM at once (up to its 32-block limit), so the grid runs in fewer waves (4096 tokens x
     8 heads, graph µs: H100 17.7 with 4 warps, 16.5 with 2, 16.4 with 1; H200 14.0 / 14.0 / 13.2;
     16384 tokens on the H200 40.0 / 40.3 / 39.7; at many waves, 65536 tokens, all equal on both).
-    Below one wave the 4-warp programs are faster (1 token: 5.2 against 5.5 µs on the H100).
+    Below one wave the 4-warp programs are faster (1 token: 5.2 against 5.5 µs on the H100). FP8
+    programs also quantise, which one warp does four vectors deep: half the warps instead (H200,
+    4096 tokens: 11.7 / 11.6 µs NHD / HND with 2 warps, 11.8 / 12.0 with 1, 12.3 / 12.5 with 4).
     """
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
@@ -234,7 +236,7 @@ def _launch_config(num_kv_heads: int, block_d: int, elem_size: int, kv_layout: s
     if kv_layout != "paged5d" and hpp >= num_kv_heads and num_warps > 1 and num_sms:
         resident = num_sms * min(32, 64 // num_warps)  # programs an SM holds at once (64 warps, 32 blocks)
         if num_tokens > resident:
-            num_warps = max(1, num_warps // 4)
+            num_warps = max(1, num_warps // (2 if fp8 else 4))
     return hpp, num_warps
 
 
@@ -366,7 +368,7 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     plan.compiled = None  # the compiled kernel's launch handle, after the first aligned call; False: none
     block_dk, block_dv = _next_pow2(head_size_k), _next_pow2(head_size_v)
     hpp, num_warps = _launch_config(num_kv_heads, max(block_dk, block_dv), key.element_size(), kv_layout, num_tokens,
-                                    _num_sms(device))
+                                    _num_sms(device), bool(fp8))
     num_head_blocks = -(-num_kv_heads // hpp)
     plan.grid = (num_tokens * num_head_blocks,)
     plan.num_warps = num_warps
