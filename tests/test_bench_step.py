@@ -105,7 +105,7 @@ def test_one_tiny_point_end_to_end(tmp_path, capsys):
     assert "## Decode step: the write share on" in out
     if DEVICE == "cpu":
         assert "CPU numbers" in out
-    for col in ("graph µs", "write µs/L (a)", "write %step (a)", "(b) T1-T0", "a vs b", "write/attn"):
+    for col in ("graph µs", "write µs/L (a)", "write %step (b)", "slope µs/L", "a vs b", "write/attn"):
         assert col in out
     [path] = list(tmp_path.glob("decode_step_*_tiny_L2_*.json"))
     doc = json.loads(path.read_text())
@@ -130,7 +130,7 @@ def test_one_tiny_point_end_to_end(tmp_path, capsys):
         if DEVICE == "cuda" and r["impl"] == "miniattn":  # the headline pair, both on the graph step
             assert "9" in t and r["ablation"]["extra"] == 8 and math.isfinite(r["write_us_b_slope"])
             assert all("write_net" in d and "write_empty" in d for d in r["events_graph"]["layers"])
-            assert math.isfinite(r["write_us_a_net"]) and math.isfinite(r["anet_vs_bslope"])
+            assert math.isfinite(r["write_us_a_net"]) and math.isfinite(r["anet_vs_b"])
         assert r["bytes"]["total"] == r["bytes"]["weights"] + r["bytes"]["kv_read"] + r["bytes"]["write"]
         assert r["step_eager_us"] > 0
 

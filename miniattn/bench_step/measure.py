@@ -13,12 +13,13 @@
   ``a_vs_b_eager`` compares the two methods on the same step);
 - ``a_vs_b``: (a - b) / b of the two shares, ``agree`` False when it passes 10% by more than
   the ablation's noise;
-- the headline pair, both on the graph-replayed step (what serving runs): (a) net, events captured
-  in the graph with each region minus an empty event pair recorded just before it at the same spot
-  (``write_us_a_net`` per layer, ``write_pct_step_a_net``), and (b) slope, ``(T[1+K] - T1) / K`` of
-  the step with K extra writes per layer (``write_us_b_slope`` for all layers,
-  ``write_pct_step_b_slope``); ``anet_vs_bslope`` / ``agree_net`` compare them, ``removal_vs_slope``
-  checks the slope against T1 - T0;
+- the headline pair (`headline`), both on the graph-replayed step (what serving runs): (a) net,
+  events captured in the graph around each write, guarded by null kernels, minus an empty region of
+  the same kind recorded just before it (``write_us_a_net`` per layer, ``write_pct_step_a_net``),
+  and (b) the removal ablation T1 - T0 (``write_us_b_layer``, ``write_pct_step_b``);
+  ``anet_vs_b`` / ``agree_net`` compare them. Next to them the slope ``(T[1+K] - T1) / K`` of the step
+  with K extra writes per layer (``write_us_b_slope``): the marginal cost of one more write, K times
+  finer than T1 - T0 but not the same quantity (the extra writes find their lines in L2);
 - the same events captured inside the graph-replayed step (``write_pct_step_a_graph``,
   ``ag_vs_b``), and what an empty event pair reads in each mode (``event_pair_us*``);
 - bytes moved by a perfect step (weights once, the KV read, the write) and GB/s from the graph time;
@@ -35,10 +36,10 @@ import torch
 from .. import timing
 from .ablation import ablate_writes, ablate_writes_queued
 from .events import event_split, graph_event_split
-from .peers import Impl
+from .peers import IMPLS, Impl
 from .points import kv_bytes_per_token
 
-__all__ = ["MeasureSettings", "measure_point", "step_bytes", "timing_suspect", "AGREE_TOL"]
+__all__ = ["MeasureSettings", "measure_point", "step_bytes", "timing_suspect", "headline", "AGREE_TOL"]
 
 AGREE_TOL = 0.10  # the two methods must agree within 10% of the share
 # On an idle H100 the graph-replayed step takes 0.86-0.98x the eager step timed with events (those
@@ -148,20 +149,12 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
                                        if abl_e else (float("nan"), False, None))
     share_ag = _pct(gev.total("write"), gev.step_us) if gev else float("nan")
     diff_g, within_noise_g, agree_g = _agreement(share_ag, share_b, t1, abl.noise_us, impl.fused_write)
-    # headline: both methods on the graph-replayed step, shares of the same T1
-    write_net = gev.total("write_net") if gev else float("nan")
-    share_an = _pct(write_net, t1)
-    share_bs = _pct(abl.slope_us, t1)
-    diff_n, within_noise_n, agree_n = _agreement(share_an, share_bs, t1, abl.slope_noise_us, impl.fused_write)
-    removal_vs_slope = ((abl.write_us - abl.slope_us) / abl.slope_us
-                        if abl.slope_us and not math.isnan(abl.slope_us) else float("nan"))
     b = step_bytes(engine.model, batch.batch_size, batch.context_len, engine.config.kv_cache_dtype)
     ref_us = graph_us if graph else eager_us
     # full-model estimate: per-layer time in the graph = the cut model's layers' share of T1
     per_layer_graph = (t1 - ev.outside_us * t1 / ev.step_us) / n_layers if ev.step_us else float("nan")
     full_step = t1 - n_layers * per_layer_graph + full_layers * per_layer_graph
-    write_b = abl.slope_us if not math.isnan(abl.slope_us) else abl.write_us  # the finer of the two ablations
-    full_share = _pct(write_b / n_layers * full_layers, full_step)
+    full_share = _pct(abl.write_us / n_layers * full_layers, full_step)
     return _with_suspect({
         "step_graph_us": graph_us,
         "step_eager_us": eager_us,
@@ -193,17 +186,6 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
         "ag_vs_b": diff_g,
         "agree_graph": agree_g,
         "within_noise_graph": within_noise_g,
-        "write_us_a_net": write_net / n_layers,
-        "attn_us_a_net": gev.total("attn_net") / n_layers if gev else float("nan"),
-        "write_pct_step_a_net": share_an,
-        "write_us_b_slope": abl.slope_us,
-        "write_us_b_slope_layer": abl.slope_us / n_layers,
-        "slope_noise_us": abl.slope_noise_us,
-        "write_pct_step_b_slope": share_bs,
-        "anet_vs_bslope": diff_n,
-        "agree_net": agree_n,
-        "within_noise_net": within_noise_n,
-        "removal_vs_slope": removal_vs_slope,
         "event_pair_us": ev.empty_us,
         "event_pair_us_graph": gev.empty_us if gev else float("nan"),
         "queued_ahead": ev.queued_ahead,
@@ -219,5 +201,46 @@ def measure_point(engine, batch, impl: Impl, settings: MeasureSettings, full_lay
 
 
 def _with_suspect(row: dict) -> dict:
+    row |= headline(row)
     row["suspect"] = timing_suspect(row)
     return row
+
+
+def _num(x) -> float:
+    return float(x) if isinstance(x, (int, float)) else float("nan")
+
+
+def headline(row: dict) -> dict:
+    """The headline pair of a measured row, from its raw parts (so older saved rows get it too).
+
+    (a) net: the graph events' per-layer ``write_net`` summed (NaN without a graph); (b): the
+    removal ablation T1 - T0; both as shares of T1 and per layer, their agreement, and the ablation's
+    slope over K extra writes next to them.
+    """
+    abl = row.get("ablation") or {}
+    t1 = _num((abl.get("t_us") or {}).get("1"))
+    n_layers = max(1, len(row.get("layers") or ()))
+    graph_layers = (row.get("events_graph") or {}).get("layers") or []
+
+    def net(key):
+        vals = [d.get(key) for d in graph_layers]
+        return sum(vals) if vals and all(isinstance(v, (int, float)) for v in vals) else float("nan")
+
+    write_net, removal, slope = net("write_net"), _num(abl.get("write_us")), _num(abl.get("slope_us"))
+    share_an, share_b = _pct(write_net, t1), _pct(removal, t1)
+    fused = row.get("impl") in IMPLS and IMPLS[row["impl"]].fused_write
+    diff, within, agree = _agreement(share_an, share_b, t1, _num(abl.get("noise_us")), fused)
+    return {
+        "write_us_a_net": write_net / n_layers,
+        "attn_us_a_net": net("attn_net") / n_layers,
+        "write_pct_step_a_net": share_an,
+        "write_us_b_layer": removal / n_layers,
+        "anet_vs_b": diff,
+        "agree_net": agree,
+        "within_noise_net": within,
+        "write_us_b_slope": slope,
+        "write_us_b_slope_layer": slope / n_layers,
+        "slope_noise_us": _num(abl.get("slope_noise_us")),
+        "write_pct_step_b_slope": _pct(slope, t1),
+        "removal_vs_slope": (removal - slope) / slope if slope and not math.isnan(slope) else float("nan"),
+    }

@@ -50,7 +50,7 @@ def _bars(plt, runs, order, title):
         ax.plot(x, [r["step_graph_us"] for r in rows], "k.", label="graph step")
         ax.set_xticks(list(x), [f"b{r['batch']}\nc{r['context']}" for r in rows], fontsize=6)
         for i, r in enumerate(rows):  # the write's share (ablation) above each bar; '?' if the timing is suspect
-            txt = "?" if r.get("suspect") else f"{_pick(r, 'write_pct_step_b_slope', 'write_pct_step_b'):.1f}%"
+            txt = "?" if r.get("suspect") else f"{r['write_pct_step_b']:.1f}%"
             ax.annotate(txt, (i, bottom[i] + h[i]), ha="center", va="bottom", fontsize=6, color="tab:red")
         ax.set_ylabel("µs per step")
         ax.set_title(f"{lay} / {kvd} / {impl}", fontsize=9)
@@ -72,9 +72,9 @@ def _share(plt, runs, pivot_batch, pivot_context, title):
         left_out += sum(1 for r in rows if r.get("suspect"))
         rows = [r for r in rows if not r.get("suspect")]
         label = f"{lay}/{kvd}"
-        share_b = lambda r: _pick(r, "write_pct_step_b_slope", "write_pct_step_b")  # noqa: E731
+        share_b = lambda r: r["write_pct_step_b"]  # noqa: E731
         share_a = lambda r: _pick(r, "write_pct_step_a_net", "write_pct_step_a")  # noqa: E731
-        us_b = lambda r: _pick(r, "write_us_b_slope", "write_us_b") / len(r["layers"])  # noqa: E731
+        us_b = lambda r: r["write_us_b"] / len(r["layers"])  # noqa: E731
         panels = ((a1, pivot_context, "context", "batch", share_b, share_a),
                   (a2, pivot_batch, "batch", "context", share_b, share_a),
                   (a3, pivot_context, "context", "batch", us_b, None))

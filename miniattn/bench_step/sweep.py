@@ -163,7 +163,7 @@ def run_sweep(cfg: SweepConfig, log=print, checkpoint=None) -> dict:
         elif not cfg.progress:  # one line per point instead of a bar (logs)
             log(f"  [{len(rows) + 1 - n_skipped}/{len(work)}] {run.layout}/{run.kv_cache_dtype}/{run.impl} "
                 f"b{p.batch} c{p.context}: {row['wall_s']:.1f}s, write {row['write_pct_step_a_net']:.2f}% (a) "
-                f"{row['write_pct_step_b_slope']:.2f}% (b) {row['write_pct_step_b']:.2f}% (T1-T0) "
+                f"{row['write_pct_step_b']:.2f}% (b) {row['write_pct_step_b_slope']:.2f}% (slope) "
                 f"{row['write_pct_step_a']:.2f}% (eager events) of {row['step_graph_us']:.0f} µs")
         rows.append(row)
     engine = None
