@@ -75,8 +75,9 @@ for stage in "$@"; do
     sweep)  # nvidia-smi before / after: evidence if the timing check marks points SUSPECT
       q=name,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active
       nvidia-smi --query-gpu=$q --format=csv > "$out/sweep_gpu_state.txt" 2>&1
-      timeout 560 $S --plot > "$out/sweep.log" 2>&1
-      nvidia-smi --query-gpu=$q --format=csv,noheader >> "$out/sweep_gpu_state.txt" 2>&1 ;;
+      timeout 560 $S --plot > "$out/sweep.log" 2>&1; rc=$?
+      nvidia-smi --query-gpu=$q --format=csv,noheader >> "$out/sweep_gpu_state.txt" 2>&1
+      (exit $rc) ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
   echo "stage $stage: rc=$? $(( $(date +%s) - start )) s" | tee -a "$out/stages.txt"
