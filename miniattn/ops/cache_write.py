@@ -15,8 +15,9 @@ The launcher validates arguments on the host, once per configuration of shapes /
 devices: the checked result is kept as a `_Plan` keyed by that metadata. The first call of a plan
 goes through `launch.Launcher` (compiling if needed); later calls with 16-byte-aligned pointers hand
 raw addresses to the compiled kernel's C launch function (`launch.compiled_handle`). A repeated call
-costs the plan key and lookup plus that launch: 11-15 µs of host time per call on the H100 machine,
-where a torch `x.add_(1)` costs 7-10 (benchmarks/README.md, "Host cost").
+costs the plan key and lookup plus that launch: 8.9-9.3 µs of host time per call on the H200
+machine in a steady phase, where a torch `x.add_(1)` costs 6.3-6.6 (11-15 µs on the H100 machine;
+benchmarks/README.md, "Host cost").
 """
 
 from __future__ import annotations
