@@ -214,7 +214,7 @@ def _next_pow2(n: int) -> int:
 
 def _launch_config(num_kv_heads: int, block_d: int, elem_size: int, kv_layout: str = "NHD", num_tokens: int = 0,
                    num_sms: int = 0, fp8: bool = False) -> tuple[int, int]:
-    """(heads_per_program, num_warps) from a small heuristic (H100 measurements in benchmarks/README.md).
+    """(heads_per_program, num_warps) from a small heuristic (H100 and H200 measurements in benchmarks/README.md).
 
     A program per token (times head blocks) keeps num_tokens out of the kernel: nothing to mask, no
     re-specialisation per batch size. Tiles of about 2 KiB of key and 2 KiB of value per program
