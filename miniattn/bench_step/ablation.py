@@ -9,9 +9,11 @@ drift hit all variants alike; the write cost is the median over rounds of the pa
 timing the variants one after another would bury it in run-to-run noise.
 
 A write of a few µs is about what the step's run-to-run noise is. With a setting ``1 + K`` (K extra
-writes per layer, e.g. 9) the *slope* ``(T[1+K] - T1) / K`` measures one write per layer with K
-times the signal: the same paired noise spread over K writes. Removal (T1 - T0) and the slope are
-two ablations of the same cost, and the benchmark reports both.
+writes per layer, e.g. 9) the *slope* ``(T[1+K] - T1) / K`` measures one more write per layer with K
+times the signal: the same paired noise spread over K writes. It is not the same quantity as
+removal (T1 - T0): the extra writes find their cache lines in L2 and follow a write, not the
+projection kernel (on an H200 the slope read 15-55% below T1 - T0), so the benchmark reports both
+and takes T1 - T0 as method (b).
 
 The replays are back to back without an L2 flush: a step reads the model's weights (gigabytes),
 which flushes the 50 MB L2 by itself. On a CPU the same runs are wall-clock times.
