@@ -18,10 +18,15 @@ R=benchmarks/results
 W="python benchmarks/benchmark_reshape_and_cache_flash.py"
 P="python benchmarks/benchmark_reshape_and_cache.py"
 S="python benchmarks/benchmark_decode_step.py --out-dir $R --no-progress"
-GPU_TAG=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+GPU_TAG=$(python -c "from miniattn.timing import device_tag; print(device_tag())")
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,utilization.gpu --format=csv > "$out/gpu.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$out/gpu.txt" 2>&1
 python -c "import flashinfer; print('flashinfer', flashinfer.__version__)" >> "$out/gpu.txt" 2>&1
+w8() {  # the 8-head sweeps: auto, then FP8 (with extra launch configs side by side, if given)
+  timeout 150 $W --num-heads 8 --num-blocks 65536 --implementation triton,torch,peers --plot
+  timeout 120 $W --num-heads 8 --num-blocks 65536 --implementation triton,peers --kv-cache-dtype fp8 --plot "$@"
+}
+w128() { timeout 100 $W --num-heads 128 --num-blocks 16384 --implementation triton,peers --plot; }
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in
@@ -31,12 +36,8 @@ for stage in "$@"; do
       timeout 200 python -m pytest -q -n 8 -p no:cacheprovider tests/test_launch.py tests/test_cache_write.py \
         tests/test_bench_step.py > "$out/tests.log" 2>&1 ;;
     write)
-      {
-        timeout 150 $W --num-heads 8 --num-blocks 65536 --implementation triton,torch,peers --plot
-        timeout 100 $W --num-heads 8 --num-blocks 65536 --implementation triton,peers --kv-cache-dtype fp8 --plot
-        timeout 100 $W --num-heads 128 --num-blocks 16384 --implementation triton,peers --plot
-        timeout 100 $P --num-heads 8 --num-blocks 65536 --implementation triton,peers --plot
-      } > "$out/write.log" 2>&1 ;;
+      { w8; w128; timeout 100 $P --num-heads 8 --num-blocks 65536 --implementation triton,peers --plot; } \
+        > "$out/write.log" 2>&1 ;;
     host)
       {
         timeout 60 python benchmarks/bench_write_host.py --out "$R/write_host_cost_$GPU_TAG.json"
@@ -59,13 +60,9 @@ for stage in "$@"; do
           --tokens 4096,16384,65536 --configs 8x1,8x2,8x4,8x8,4x1,4x2 --out /tmp/tune8.json
       } > "$out/writetune.log" 2>&1 ;;
     writeauto)  # the 8-head sweeps alone (auto, then FP8 with its launch configs side by side)
-      {
-        timeout 150 $W --num-heads 8 --num-blocks 65536 --implementation triton,torch,peers --plot
-        timeout 120 $W --num-heads 8 --num-blocks 65536 --implementation triton,peers --kv-cache-dtype fp8 --plot \
-          --configs 8x1,8x2,8x4
-      } > "$out/writeauto.log" 2>&1 ;;
+      w8 --configs 8x1,8x2,8x4 > "$out/writeauto.log" 2>&1 ;;
     write128)
-      timeout 100 $W --num-heads 128 --num-blocks 16384 --implementation triton,peers --plot > "$out/write128.log" 2>&1 ;;
+      w128 > "$out/write128.log" 2>&1 ;;
     decode)  # HND reads as NHD (+-1%, every earlier run): NHD and paged5d
       timeout 420 python benchmarks/benchmark_paged_decode.py --layouts NHD,paged5d --peers sdpa,flashinfer,flashinfer_tc \
         --plot > "$out/decode.log" 2>&1 ;;
