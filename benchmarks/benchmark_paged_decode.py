@@ -336,14 +336,18 @@ def plot(rows, path):
 # ------------------------------------------------------------------------------------------------
 
 def _tune_experiments():
-    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None)."""
+    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, fp8 asm mode or None)."""
     exps = []
-    for b, c in [(1, 4096), (1, 16384), (16, 512), (64, 512)]:  # BLOCK_N 32 vs 64
-        exps += [(b, c, "auto", "NHD", cfg, None) for cfg in [(64, 4, 2, 4), (32, 4, 2, 4)]]
-    exps += [(1, 16384, "auto", "NHD", None, n) for n in (32, 64)]
-    for b, c in [(16, 4096), (64, 4096), (128, 4096)]:  # FP8 configs x splits
-        for cfg in [(128, 4, 2, 2), (64, 4, 5, 4)]:
-            exps += [(b, c, "fp8", "NHD", cfg, n) for n in (1, 2, 4)]
+    bf = [(64, 4, 2, 4), (64, 4, 3, 4), (32, 4, 2, 4), (32, 4, 3, 4), (128, 4, 2, 2)]
+    exps += [(1, 16384, "auto", "NHD", cfg, n, None) for cfg in bf for n in (32, 64, 128, 256)]
+    exps += [(1, 32768, "auto", "NHD", cfg, n, None) for cfg in bf[:2] for n in (64, 128, 256)]
+    exps += [(16, 4096, "auto", "NHD", cfg, n, None) for cfg in bf[:2] + [(64, 4, 4, 4), (128, 4, 2, 2), (64, 8, 2, 4)]
+             for n in (2, 4, 8, 16)]
+    exps += [(16, 512, "auto", "NHD", cfg, n, None) for cfg in bf[:3] for n in (1, 2, 4, 8)]
+    f8 = [(64, 4, 5, 3), (128, 4, 2, 2), (64, 4, 3, 4), (128, 4, 3, 2)]
+    for b in (16, 64, 128):
+        exps += [(b, 4096, "fp8", "NHD", cfg, None, m) for cfg in f8 for m in (0, 10, 11)]
+    exps += [(1, 16384, "fp8", "NHD", cfg, None, m) for cfg in f8[1:3] for m in (0, 10, 11)]
     return exps
 
 
@@ -354,11 +358,16 @@ def run_tune(a):
     rows = []
     exps = sorted(_tune_experiments(), key=lambda e: (e[0], e[1]))
     for (batch, ctx), group in itertools.groupby(exps, key=lambda e: (e[0], e[1])):
+        nbytes = kv_bytes(batch, ctx, a, 2)
+        sum_gbps = timing.read_bandwidth(nbytes)  # the same bytes read by a `sum`: what this size allows
+        print(f"b={batch} ctx={ctx}: size-matched sum {nbytes / sum_gbps / 1e3:.1f} us ({sum_gbps:.0f} GB/s)")
+        rows.append(dict(batch=batch, ctx=ctx, cache="sum", us=nbytes / sum_gbps / 1e3, gbps=sum_gbps))
         inp = make_inputs(batch, ctx, a)
         q, bt, sl = inp["query"], inp["block_tables"], inp["seq_lens"]
         s1 = torch.tensor([0.25], device="cuda")
         caches = {}
-        for _, _, cdt, lay, cfg, ns in group:
+        ref = {}
+        for _, _, cdt, lay, cfg, ns, asm in group:
             if (cdt, lay) not in caches:
                 k, v = (inp["k"], inp["v"]) if cdt == "auto" else ((inp["k"] / s1).to(FP8), (inp["v"] / s1).to(FP8))
                 caches[(cdt, lay)] = (k, v) if lay == "NHD" else from_nhd(lay, k, v)
@@ -366,10 +375,12 @@ def run_tune(a):
             extra = {} if cdt == "auto" else dict(kv_cache_dtype="fp8", k_scale=s1, v_scale=s1)
             elem = k.element_size()
             decode_mod.decode_launch_config = (lambda *x, cfg=cfg: cfg) if cfg else real_cfg
+            decode_mod.FP8_ASM_MODE = asm
             decode_mod._PLANS.clear()
             fn = lambda: paged_decode_attention(q, k, v, bt, sl, kv_layout=lay, num_splits=ns, **extra)  # noqa: E731
             try:
-                fn()
+                o = fn().float()
+                err = float((o - ref.setdefault(cdt, o)).abs().max())
                 us = timing.time_graph(fn)
             except Exception as e:
                 print(f"  b={batch} ctx={ctx} {cdt} {lay} cfg={cfg} splits={ns}: {type(e).__name__} {str(e)[:160]}")
@@ -378,10 +389,13 @@ def run_tune(a):
             gb = timing.gbps(kv_bytes(batch, ctx, a, elem), us)
             used = (plan.consts[1], plan.warps, plan.stages) if cfg is None else cfg
             rows.append(dict(batch=batch, ctx=ctx, cache=cdt, layout=lay, cfg=str(used), splits=plan.splits,
-                             forced_splits=ns, us=us, gbps=gb, pct=100 * gb / ceiling))
+                             forced_splits=ns, fp8_asm=plan.consts[-1], us=us, gbps=gb, pct=100 * gb / ceiling,
+                             max_diff_vs_first=err))
             print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} {lay:<8} cfg={str(used):<13} splits={plan.splits:<3} "
-                  f"{us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}%", flush=True)
+                  f"asm={plan.consts[-1]:<2} {us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}% diff {err:.2e}",
+                  flush=True)
         decode_mod.decode_launch_config = real_cfg
+        decode_mod.FP8_ASM_MODE = None
         del inp, caches
         free()
     return rows, ceiling

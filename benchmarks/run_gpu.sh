@@ -6,6 +6,7 @@
 #   host    eager host cost: write / decode breakdowns, host-loop sweeps next to FlashInfer (two runs)
 #   write128  the 128-head write sweep alone; writeauto: the 8-head ones (FP8 with configs side by side)
 #   decode  paged decode sweep (all modes, NHD and paged5d, peers that import)
+#   decodetune  decode tests, then launch configs x splits x FP8 widening (`--tune`, TUNE_TAG)
 #   step    decode-step benchmark: validation points (per layer)
 #   sweep   decode-step benchmark: the full sweep
 # Logs go to OUTDIR; results (JSON, PNG, logs) are written under benchmarks/results/ and tarred into
@@ -66,6 +67,10 @@ for stage in "$@"; do
     decode)  # HND reads as NHD (+-1%, every earlier run): NHD and paged5d
       timeout 420 python benchmarks/benchmark_paged_decode.py --layouts NHD,paged5d --peers sdpa,flashinfer,flashinfer_tc \
         --plot > "$out/decode.log" 2>&1 ;;
+    decodetune)  # launch configs x split counts x FP8 widening at the points the targets name
+      timeout 100 python -m pytest -q -n 8 -p no:cacheprovider tests/test_decode.py > "$out/tests_decode.log" 2>&1
+      timeout 400 python benchmarks/benchmark_paged_decode.py --tune --out-dir $R --tag "${TUNE_TAG:-}" \
+        > "$out/decodetune.log" 2>&1 ;;
     step)
       timeout 400 $S --batch 1,64,256 --context 512,4096,32768 --layouts NHD,paged5d --peers none --plot \
         --tag validation > "$out/step.log" 2>&1 ;;

@@ -66,6 +66,18 @@ if triton_available():
             pass
 
     @triton.jit
+    def _fp8_to_f16(x, E5M2: tl.constexpr, PURE: tl.constexpr = True):
+        """float8 -> float16 by PTX cvt on packed pairs (sm_89+), opaque to Triton's layout passes."""
+        if E5M2:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e5m2x2 $0, lo; cvt.rn.f16x2.e5m2x2 $1, hi; }",
+                "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=PURE, pack=4)
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+                "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=PURE, pack=4)
+
+    @triton.jit
     def _paged_decode_kernel(
         # ---- pointers -------------------------------------------------------------------------
         q_ptr,  # [batch, num_q_heads, HEAD_K] query dtype
@@ -108,6 +120,7 @@ if triton_available():
         DOT_F32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 as raw bits, so widen first
         IEEE: tl.constexpr,  # float32 queries and caches: exact fp32 dots (no tf32)
         PDL: tl.constexpr,  # the merge kernel is launched as a programmatic dependent of this one
+        FP8_ASM: tl.constexpr,  # bit 0: keys, bit 1: values widened by `_fp8_to_f16`; 4: e5m2; 8: opaque
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
             gdc_launch_dependents()
@@ -193,7 +206,10 @@ if triton_available():
             k = tl.load(k_head_ptr + k_tok[:, None] + k_dim_off[None, :],
                         mask=t_ok[:, None] & dk_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_K_PAD]
             if FP8:
-                k = k.to(q.dtype)
+                if FP8_ASM & 1:
+                    k = _fp8_to_f16(k, FP8_ASM & 4, (FP8_ASM & 8) == 0)
+                else:
+                    k = k.to(q.dtype)
             if DOT_F32:
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             elif IEEE:
@@ -210,7 +226,10 @@ if triton_available():
             v = tl.load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :],
                         mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
             if FP8:
-                v = v.to(q.dtype)
+                if FP8_ASM & 2:
+                    v = _fp8_to_f16(v, FP8_ASM & 4, (FP8_ASM & 8) == 0)
+                else:
+                    v = v.to(q.dtype)
             if V_RUN > 1:
                 v = tl.where(t_ok[:, None], v, 0.0)  # p is 0 there, but 0 * (garbage inf/nan) is not
             if DOT_F32:
@@ -326,9 +345,26 @@ _CAPABILITY: dict = {}
 def _pdl_available(device: torch.device) -> bool:
     if not (PDL_ENABLED and _TRITON and _HAS_GDC and device.type == "cuda") or interpreting():
         return False
+    return _capability(device) >= (9, 0)
+
+
+def _capability(device: torch.device) -> tuple:
     if device not in _CAPABILITY:
         _CAPABILITY[device] = torch.cuda.get_device_capability(device)
-    return _CAPABILITY[device] >= (9, 0)
+    return _CAPABILITY[device]
+
+
+#: FP8 widening (see the kernel's FP8_ASM); None: automatic
+FP8_ASM_MODE = None
+
+
+def _fp8_asm_mode(device: torch.device, kv_cache_dtype: str) -> int:
+    if device.type != "cuda" or interpreting() or not _TRITON or _capability(device) < (8, 9):
+        return 0
+    mode = 11 if FP8_ASM_MODE is None else FP8_ASM_MODE
+    if mode and kv_cache_dtype == "fp8_e5m2":
+        mode |= 4
+    return mode
 
 
 def _sm_count(device: torch.device) -> int:
@@ -532,6 +568,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         device.type != "cuda" and query.dtype == torch.bfloat16 and not fp8,
         query.dtype == torch.float32 and not fp8,
         plan.pdl,
+        _fp8_asm_mode(device, kv_cache_dtype) if fp8 else 0,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
     plan.warps, plan.stages = warps, stages
