@@ -336,18 +336,16 @@ def plot(rows, path):
 # ------------------------------------------------------------------------------------------------
 
 def _tune_experiments():
-    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, fp8 asm mode or None)."""
+    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, fp8 asm mode or None).
+
+    Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic)."""
     exps = []
-    bf = [(64, 4, 2, 4), (64, 4, 3, 4), (32, 4, 2, 4), (32, 4, 3, 4), (128, 4, 2, 2)]
-    exps += [(1, 16384, "auto", "NHD", cfg, n, None) for cfg in bf for n in (32, 64, 128, 256)]
-    exps += [(1, 32768, "auto", "NHD", cfg, n, None) for cfg in bf[:2] for n in (64, 128, 256)]
-    exps += [(16, 4096, "auto", "NHD", cfg, n, None) for cfg in bf[:2] + [(64, 4, 4, 4), (128, 4, 2, 2), (64, 8, 2, 4)]
-             for n in (2, 4, 8, 16)]
-    exps += [(16, 512, "auto", "NHD", cfg, n, None) for cfg in bf[:3] for n in (1, 2, 4, 8)]
-    f8 = [(64, 4, 5, 3), (128, 4, 2, 2), (64, 4, 3, 4), (128, 4, 3, 2)]
-    for b in (16, 64, 128):
-        exps += [(b, 4096, "fp8", "NHD", cfg, None, m) for cfg in f8 for m in (0, 10, 11)]
-    exps += [(1, 16384, "fp8", "NHD", cfg, None, m) for cfg in f8[1:3] for m in (0, 10, 11)]
+    f8 = [(64, 4, 5, 3), (32, 1, 3, 8), (32, 1, 4, 8), (16, 1, 4, 12), (32, 2, 3, 6), (32, 2, 4, 6), (64, 2, 3, 4)]
+    for b, c in [(16, 4096), (64, 4096), (128, 4096), (16, 16384)]:
+        exps += [(b, c, "fp8", "NHD", cfg, None, 10) for cfg in f8]
+    bf = [(64, 4, 2, 4), (32, 1, 3, 8), (32, 2, 3, 6), (16, 1, 4, 12), (64, 2, 2, 4)]
+    for b, c in [(16, 4096), (64, 4096), (1, 16384), (16, 512)]:
+        exps += [(b, c, "auto", "NHD", cfg, None, None) for cfg in bf]
     return exps
 
 
