@@ -336,15 +336,16 @@ def plot(rows, path):
 # ------------------------------------------------------------------------------------------------
 
 def _tune_experiments():
-    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, fp8 asm mode or None,
-    lean mode). Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic)."""
+    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, fp8 asm mode or None).
+
+    Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic)."""
     exps = []
-    for b, c in [(16, 4096), (64, 4096), (128, 4096), (16, 16384), (1, 16384)]:
-        exps += [(b, c, "fp8", "NHD", cfg, None, 10, lean) for cfg in [(32, 1, 3, 8), (32, 1, 2, 8)]
-                 for lean in (0, 1, 2, 3)]
+    f8 = [(64, 4, 5, 3), (32, 1, 3, 8), (32, 1, 4, 8), (16, 1, 4, 12), (32, 2, 3, 6), (32, 2, 4, 6), (64, 2, 3, 4)]
+    for b, c in [(16, 4096), (64, 4096), (128, 4096), (16, 16384)]:
+        exps += [(b, c, "fp8", "NHD", cfg, None, 10) for cfg in f8]
+    bf = [(64, 4, 2, 4), (32, 1, 3, 8), (32, 2, 3, 6), (16, 1, 4, 12), (64, 2, 2, 4)]
     for b, c in [(16, 4096), (64, 4096), (1, 16384), (16, 512)]:
-        exps += [(b, c, "auto", "NHD", cfg, None, None, lean) for cfg in [(64, 4, 2, 4), (32, 1, 3, 8)]
-                 for lean in (0, 1)]
+        exps += [(b, c, "auto", "NHD", cfg, None, None) for cfg in bf]
     return exps
 
 
@@ -364,7 +365,7 @@ def run_tune(a):
         s1 = torch.tensor([0.25], device="cuda")
         caches = {}
         ref = {}
-        for _, _, cdt, lay, cfg, ns, asm, lean in group:
+        for _, _, cdt, lay, cfg, ns, asm in group:
             if (cdt, lay) not in caches:
                 k, v = (inp["k"], inp["v"]) if cdt == "auto" else ((inp["k"] / s1).to(FP8), (inp["v"] / s1).to(FP8))
                 caches[(cdt, lay)] = (k, v) if lay == "NHD" else from_nhd(lay, k, v)
@@ -373,7 +374,6 @@ def run_tune(a):
             elem = k.element_size()
             decode_mod.decode_launch_config = (lambda *x, cfg=cfg: cfg) if cfg else real_cfg
             decode_mod.FP8_ASM_MODE = asm
-            decode_mod.LEAN_MODE = lean
             decode_mod._PLANS.clear()
             fn = lambda: paged_decode_attention(q, k, v, bt, sl, kv_layout=lay, num_splits=ns, **extra)  # noqa: E731
             try:
@@ -387,14 +387,13 @@ def run_tune(a):
             gb = timing.gbps(kv_bytes(batch, ctx, a, elem), us)
             used = (plan.consts[1], plan.warps, plan.stages) if cfg is None else cfg
             rows.append(dict(batch=batch, ctx=ctx, cache=cdt, layout=lay, cfg=str(used), splits=plan.splits,
-                             forced_splits=ns, fp8_asm=plan.consts[-2], lean=lean, us=us, gbps=gb, pct=100 * gb / ceiling,
+                             forced_splits=ns, fp8_asm=plan.consts[-1], us=us, gbps=gb, pct=100 * gb / ceiling,
                              max_diff_vs_first=err))
             print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} {lay:<8} cfg={str(used):<13} splits={plan.splits:<3} "
-                  f"asm={plan.consts[-2]:<2} lean={lean} {us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}% diff {err:.2e}",
+                  f"asm={plan.consts[-1]:<2} {us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}% diff {err:.2e}",
                   flush=True)
         decode_mod.decode_launch_config = real_cfg
         decode_mod.FP8_ASM_MODE = None
-        decode_mod.LEAN_MODE = 0
         del inp, caches
         free()
     return rows, ceiling

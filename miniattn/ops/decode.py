@@ -121,7 +121,6 @@ if triton_available():
         IEEE: tl.constexpr,  # float32 queries and caches: exact fp32 dots (no tf32)
         PDL: tl.constexpr,  # the merge kernel is launched as a programmatic dependent of this one
         FP8_ASM: tl.constexpr,  # bit 0: keys, bit 1: values widened by `_fp8_to_f16`; 4: e5m2; 8: opaque
-        LEAN: tl.constexpr,  # bit 0: rescale only when a row max grew; bit 1: FP8 score scale folded into q
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
             gdc_launch_dependents()
@@ -167,8 +166,6 @@ if triton_available():
                 scale = scale * tl.load(k_scale_ptr + kvh)
             else:
                 scale = scale * tl.load(k_scale_ptr)
-            if LEAN & 2:
-                q = tl.minimum(tl.maximum(q.to(tl.float32) * scale, -65504.0), 65504.0).to(tl.float16)
 
         # element offsets of one token's head vector inside a block (int64 from here on)
         if KEY_X > 0:
@@ -219,21 +216,12 @@ if triton_available():
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
-            if not (FP8 and (LEAN & 2)):
-                s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
+            s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
             s = tl.where(t_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            if LEAN & 1:
-                if tl.max(m_new - m_i, 0) > 0.0:  # some row max grew (always on the first step)
-                    alpha = tl.exp2(m_i - m_new)
-                    acc = acc * alpha[:, None]
-                    l_i = l_i * alpha
-            else:
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
+            alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
-            l_i = l_i + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)
 
             v = tl.load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :],
                         mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
@@ -250,7 +238,7 @@ if triton_available():
                 pv = tl.dot(p, v, input_precision="ieee")
             else:
                 pv = tl.dot(p.to(q.dtype), v)
-            acc = acc + pv
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
 
         if NUM_SPLITS == 1:
@@ -368,7 +356,6 @@ def _capability(device: torch.device) -> tuple:
 
 #: FP8 widening (see the kernel's FP8_ASM); None: automatic
 FP8_ASM_MODE = None
-LEAN_MODE = 3
 
 
 def _fp8_asm_mode(device: torch.device, kv_cache_dtype: str) -> int:
@@ -582,7 +569,6 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         query.dtype == torch.float32 and not fp8,
         plan.pdl,
         _fp8_asm_mode(device, kv_cache_dtype) if fp8 else 0,
-        LEAN_MODE,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
     plan.warps, plan.stages = warps, stages
