@@ -336,16 +336,18 @@ def plot(rows, path):
 # ------------------------------------------------------------------------------------------------
 
 def _tune_experiments():
-    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, fp8 asm mode or None).
+    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, pinned FP8 widening).
 
-    Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic)."""
+    Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
+    heuristics'. The H200 set of this session: FP8 with and without `_widen_fp8_pinned` in the old and
+    new configs, 16-bit caches in 4-, 2- and 1-warp programs."""
     exps = []
-    f8 = [(64, 4, 5, 3), (32, 1, 3, 8), (32, 1, 4, 8), (16, 1, 4, 12), (32, 2, 3, 6), (32, 2, 4, 6), (64, 2, 3, 4)]
-    for b, c in [(16, 4096), (64, 4096), (128, 4096), (16, 16384)]:
-        exps += [(b, c, "fp8", "NHD", cfg, None, 10) for cfg in f8]
+    f8 = [(64, 4, 5, 3), (128, 4, 2, 2), (32, 1, 3, 8), (32, 1, 4, 8), (64, 2, 3, 4)]
+    for b, c in [(16, 4096), (64, 4096), (128, 4096), (16, 16384), (1, 16384)]:
+        exps += [(b, c, "fp8", "NHD", cfg, None, w) for cfg in f8 for w in (True, False)]
     bf = [(64, 4, 2, 4), (32, 1, 3, 8), (32, 2, 3, 6), (16, 1, 4, 12), (64, 2, 2, 4)]
     for b, c in [(16, 4096), (64, 4096), (1, 16384), (16, 512)]:
-        exps += [(b, c, "auto", "NHD", cfg, None, None) for cfg in bf]
+        exps += [(b, c, "auto", "NHD", cfg, None, True) for cfg in bf]
     return exps
 
 
@@ -365,7 +367,7 @@ def run_tune(a):
         s1 = torch.tensor([0.25], device="cuda")
         caches = {}
         ref = {}
-        for _, _, cdt, lay, cfg, ns, asm in group:
+        for _, _, cdt, lay, cfg, ns, widen in group:
             if (cdt, lay) not in caches:
                 k, v = (inp["k"], inp["v"]) if cdt == "auto" else ((inp["k"] / s1).to(FP8), (inp["v"] / s1).to(FP8))
                 caches[(cdt, lay)] = (k, v) if lay == "NHD" else from_nhd(lay, k, v)
@@ -373,7 +375,7 @@ def run_tune(a):
             extra = {} if cdt == "auto" else dict(kv_cache_dtype="fp8", k_scale=s1, v_scale=s1)
             elem = k.element_size()
             decode_mod.decode_launch_config = (lambda *x, cfg=cfg: cfg) if cfg else real_cfg
-            decode_mod.FP8_ASM_MODE = asm
+            decode_mod.PINNED_WIDEN_ENABLED = widen
             decode_mod._PLANS.clear()
             fn = lambda: paged_decode_attention(q, k, v, bt, sl, kv_layout=lay, num_splits=ns, **extra)  # noqa: E731
             try:
@@ -387,13 +389,13 @@ def run_tune(a):
             gb = timing.gbps(kv_bytes(batch, ctx, a, elem), us)
             used = (plan.consts[1], plan.warps, plan.stages) if cfg is None else cfg
             rows.append(dict(batch=batch, ctx=ctx, cache=cdt, layout=lay, cfg=str(used), splits=plan.splits,
-                             forced_splits=ns, fp8_asm=plan.consts[-1], us=us, gbps=gb, pct=100 * gb / ceiling,
+                             forced_splits=ns, v_widen=plan.consts[-1], us=us, gbps=gb, pct=100 * gb / ceiling,
                              max_diff_vs_first=err))
             print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} {lay:<8} cfg={str(used):<13} splits={plan.splits:<3} "
-                  f"asm={plan.consts[-1]:<2} {us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}% diff {err:.2e}",
+                  f"widen={plan.consts[-1]} {us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}% diff {err:.2e}",
                   flush=True)
         decode_mod.decode_launch_config = real_cfg
-        decode_mod.FP8_ASM_MODE = None
+        decode_mod.PINNED_WIDEN_ENABLED = True
         del inp, caches
         free()
     return rows, ceiling

@@ -424,3 +424,29 @@ def test_merge_kernel_with_and_without_pdl(monkeypatch):
     for o in outs[True] + outs[False]:
         assert rel_err(o, ref) <= 1e-2
     assert all(torch.equal(o, outs[False][0]) for o in outs[True])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_pinned_widen_matches_triton_conversion(monkeypatch, kv_cache_dtype):
+    """FP8 values widened by the pinned PTX cvt (sm_89+) give Triton's own conversion's result (the two
+    plans may differ in launch config, so the dots' summation order may too), over every layout."""
+    for layout in LAYOUTS:
+        _seed("widen", layout, kv_cache_dtype)
+        case = make_case(layout, 32, 8, 128, 16, (2000, 1, 0, 333, 64), kv_cache_dtype=kv_cache_dtype,
+                         extra_blocks=20)
+        outs = {}
+        for pinned in (True, False):
+            monkeypatch.setattr(decode_mod, "PINNED_WIDEN_ENABLED", pinned)
+            decode_mod._PLANS.clear()
+            outs[pinned] = [paged_decode_attention(**case) for _ in range(3)]  # plan, Launcher, direct
+            plan = next(iter(decode_mod._PLANS.values()))
+            assert plan.consts[-1] == (pinned and torch.cuda.get_device_capability() >= (8, 9)) * (
+                2 if kv_cache_dtype == "fp8_e5m2" else 1)
+        decode_mod._PLANS.clear()
+        ref = paged_decode_attention_ref(**case)
+        for o in outs[True] + outs[False]:
+            assert rel_err(o, ref) <= 2e-2
+        for o in outs[True]:
+            assert rel_err(o, outs[False][0].double()) <= 2e-3

@@ -15,7 +15,9 @@ split of the paged5d key). Softmax is online, in base 2 (`exp2`, log2(e) folded 
 
 FP8 caches are loaded as float8 and widened to fp16 for the dots (e4m3/e5m2 -> fp16 is one `cvt` per
 two elements, -> bf16 three; fp16 also keeps more of p's mantissa); `k_scale` is folded into the score
-scale and `v_scale` into the output, so dequantisation costs two multiplies per program.
+scale and `v_scale` into the output, so dequantisation costs two multiplies per program. On sm_89+
+the values are widened by `_widen_fp8_pinned` (why: see there) and FP8 programs are one warp
+(`decode_launch_config`).
 
 Split-KV (flash-decoding): with NUM_SPLITS > 1 each sequence is cut into NUM_SPLITS equal, BLOCK_N
 aligned pieces *computed in the kernel from seq_len*; each program writes an unnormalised partial
@@ -66,16 +68,23 @@ if triton_available():
             pass
 
     @triton.jit
-    def _fp8_to_f16(x, E5M2: tl.constexpr, PURE: tl.constexpr = True):
-        """float8 -> float16 by PTX cvt on packed pairs (sm_89+), opaque to Triton's layout passes."""
+    def _widen_fp8_pinned(x, E5M2: tl.constexpr):
+        """float8 -> float16 with PTX `cvt` on packed pairs (sm_89+), as an asm that Triton must not move.
+
+        With a plain `.to(tl.float16)` Triton moves the value tile's change to the dot-operand layout
+        ahead of the conversion, onto the fp8 bytes: each thread then needs pairs of consecutive *tokens*
+        (the reduction dim of p @ v), which are a head row apart in shared memory, and ldmatrix cannot
+        transpose 8-bit data, so it gathers them one byte at a time (64 LDS.U8 per thread per 64-token
+        step). Declared impure, the asm stays where it is: the fp8 tile is read with 16-byte loads,
+        widened in registers, and the fp16 tile takes the transposing ldmatrix path of 16-bit caches."""
         if E5M2:
             return tl.inline_asm_elementwise(
                 "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e5m2x2 $0, lo; cvt.rn.f16x2.e5m2x2 $1, hi; }",
-                "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=PURE, pack=4)
+                "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
         else:
             return tl.inline_asm_elementwise(
                 "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-                "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=PURE, pack=4)
+                "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
 
     @triton.jit
     def _paged_decode_kernel(
@@ -120,7 +129,7 @@ if triton_available():
         DOT_F32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 as raw bits, so widen first
         IEEE: tl.constexpr,  # float32 queries and caches: exact fp32 dots (no tf32)
         PDL: tl.constexpr,  # the merge kernel is launched as a programmatic dependent of this one
-        FP8_ASM: tl.constexpr,  # bit 0: keys, bit 1: values widened by `_fp8_to_f16`; 4: e5m2; 8: opaque
+        V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
             gdc_launch_dependents()
@@ -205,11 +214,8 @@ if triton_available():
 
             k = tl.load(k_head_ptr + k_tok[:, None] + k_dim_off[None, :],
                         mask=t_ok[:, None] & dk_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_K_PAD]
-            if FP8:
-                if FP8_ASM & 1:
-                    k = _fp8_to_f16(k, FP8_ASM & 4, (FP8_ASM & 8) == 0)
-                else:
-                    k = k.to(q.dtype)
+            if FP8:  # keys: Triton's conversion is already cheap (no transpose: d is their reduction dim)
+                k = k.to(q.dtype)
             if DOT_F32:
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             elif IEEE:
@@ -226,8 +232,8 @@ if triton_available():
             v = tl.load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :],
                         mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
             if FP8:
-                if FP8_ASM & 2:
-                    v = _fp8_to_f16(v, FP8_ASM & 4, (FP8_ASM & 8) == 0)
+                if V_WIDEN:
+                    v = _widen_fp8_pinned(v, V_WIDEN == 2)
                 else:
                     v = v.to(q.dtype)
             if V_RUN > 1:
@@ -354,17 +360,18 @@ def _capability(device: torch.device) -> tuple:
     return _CAPABILITY[device]
 
 
-#: FP8 widening (see the kernel's FP8_ASM); None: automatic
-FP8_ASM_MODE = None
+#: FP8 value widening by `_widen_fp8_pinned` where the GPU has the cvt (sm_89+); the benchmarks
+#: switch it off to compare (clear `_PLANS` after)
+PINNED_WIDEN_ENABLED = True
 
 
-def _fp8_asm_mode(device: torch.device, kv_cache_dtype: str) -> int:
-    if device.type != "cuda" or interpreting() or not _TRITON or _capability(device) < (8, 9):
+def _v_widen(device: torch.device, kv_cache_dtype: str) -> int:
+    """The kernel's V_WIDEN for an FP8 cache on `device` (0: Triton's own conversion)."""
+    if not (PINNED_WIDEN_ENABLED and _TRITON and device.type == "cuda") or interpreting():
         return 0
-    mode = 11 if FP8_ASM_MODE is None else FP8_ASM_MODE
-    if mode and kv_cache_dtype == "fp8_e5m2":
-        mode |= 4
-    return mode
+    if _capability(device) < (8, 9):
+        return 0
+    return 2 if kv_cache_dtype == "fp8_e5m2" else 1
 
 
 def _sm_count(device: torch.device) -> int:
@@ -376,18 +383,27 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: int, base_programs: int,
-                         sm_count: int):
+                         sm_count: int, pinned_widen: bool = False):
     """(BLOCK_N, num_warps, num_stages, programs_per_sm) of the main kernel, for `base_programs` =
     batch x kv heads (x row chunks) programs before any split.
 
     About 16 KB of keys per loop step: 64 tokens x 128 x 2 B (32 tokens for head sizes over 128).
     programs_per_sm is how many programs fit on an SM at once (sm_90: 98 registers and 38 KB of shared
-    memory for 16-bit caches), which the split heuristic fills. FP8, measured on an H100: 128-token
-    steps (196 registers, 2 per SM) when the batch is small; with at least two programs per SM before
-    splitting, 64-token steps pipelined 5 deep (145 registers, 3 per SM) are 5-10% faster. Deeper
-    pipelines and 8 warps were no faster for 16-bit caches (benchmarks/README.md)."""
+    memory for 16-bit caches), which the split heuristic fills. Deeper pipelines and 8 warps were no
+    faster for 16-bit caches, nor were 1- or 2-warp programs (H100 and H200, benchmarks/README.md).
+
+    FP8 with `pinned_widen` (values widened by `_widen_fp8_pinned`), measured on an H200: one warp per
+    program, 32-token steps, 3 stages (181 registers, 21 KB: 11 fit per SM, 8 are counted): a program
+    of one warp keeps its softmax reductions and the p operand inside the warp, where four warps
+    split the tokens and meet in shared memory behind barriers, which the FP8 kernel, bound by issue
+    rather than by DRAM, pays for (b128 x 4096: 358 -> 314 µs, b16 x 4096: 65 -> 56). Without it
+    (Triton's conversion; measured on an H100): 128-token steps (196 registers, 2 per SM) when the
+    batch is small; with at least two programs per SM before splitting, 64-token steps pipelined 5
+    deep (145 registers, 3 per SM) are 5-10% faster."""
     head = max(head_size_k, head_size_v)
     if cache_elem_bytes == 1 and head <= 128:
+        if pinned_widen:
+            return 32, 1, 3, 8
         return (64, 4, 5, 3) if base_programs >= 2 * sm_count else (128, 4, 2, 2)
     return (64 if head <= 128 else 32), 4, 2, 4
 
@@ -529,8 +545,9 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     rows = max(16, min(_next_pow2(group), _MAX_ROWS))
     row_chunks = -(-group // rows)
     sm_count = _sm_count(device)
+    v_widen = _v_widen(device, kv_cache_dtype) if fp8 else 0
     block_n, warps, stages, per_sm = decode_launch_config(head_k, head_v, kc.element_size(),
-                                                          batch * num_kv_heads * row_chunks, sm_count)
+                                                          batch * num_kv_heads * row_chunks, sm_count, v_widen > 0)
 
     capacity = block_tables.shape[1] * block_size
     bucket = capacity if max_seq_len is None else min(_next_pow2(max(max_seq_len, 1)), max(capacity, 1))
@@ -568,7 +585,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         device.type != "cuda" and query.dtype == torch.bfloat16 and not fp8,
         query.dtype == torch.float32 and not fp8,
         plan.pdl,
-        _fp8_asm_mode(device, kv_cache_dtype) if fp8 else 0,
+        v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
     plan.warps, plan.stages = warps, stages
