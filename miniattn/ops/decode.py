@@ -396,14 +396,16 @@ def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: i
     program, 32-token steps, 3 stages (181 registers, 21 KB: 11 fit per SM, 8 are counted): a program
     of one warp keeps its softmax reductions and the p operand inside the warp, where four warps
     split the tokens and meet in shared memory behind barriers, which the FP8 kernel, bound by issue
-    rather than by DRAM, pays for (b128 x 4096: 358 -> 314 µs, b16 x 4096: 65 -> 56). Without it
+    rather than by DRAM, pays for (b128 x 4096: 358 -> 318 µs, b16 x 4096: 65 -> 57). At a batch of
+    one or two (<= sm_count / 8 programs before the split cuts each row in up to 64 pieces), 2 warps
+    and 64-token steps read the short pieces faster (b1 x 16384: 27.8 -> 24.9 µs). Without it
     (Triton's conversion; measured on an H100): 128-token steps (196 registers, 2 per SM) when the
     batch is small; with at least two programs per SM before splitting, 64-token steps pipelined 5
     deep (145 registers, 3 per SM) are 5-10% faster."""
     head = max(head_size_k, head_size_v)
     if cache_elem_bytes == 1 and head <= 128:
         if pinned_widen:
-            return 32, 1, 3, 8
+            return (64, 2, 3, 4) if base_programs <= sm_count // 8 else (32, 1, 3, 8)
         return (64, 4, 5, 3) if base_programs >= 2 * sm_count else (128, 4, 2, 2)
     return (64 if head <= 128 else 32), 4, 2, 4
 
