@@ -1,0 +1,49 @@
+"""One decode call per configuration, for a profiler: `ncu --kernel-name regex:_paged_decode_kernel`.
+
+    ncu --kernel-name regex:_paged_decode_kernel --launch-skip 2 --launch-count 1 \\
+        --section WarpStateStats python benchmarks/profile_decode.py --batch 128 --ctx 4096 --fp8
+
+Each configuration is called 3 times (compilation, the Launcher path, the raw-address path), so
+`--launch-skip 2 --launch-count 1` picks the hot path's launch of the first one.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from miniattn.ops.decode import paged_decode_attention  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--fp8", action="store_true")
+    p.add_argument("--num-q-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=8)
+    p.add_argument("--head-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    a = p.parse_args()
+    bs, mb = a.block_size, -(-a.ctx // a.block_size)
+    nb = a.batch * mb
+    k = torch.randn(nb, bs, a.num_kv_heads, a.head_size, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    bt = torch.randperm(nb, device="cuda").to(torch.int32).reshape(a.batch, mb)
+    sl = torch.full((a.batch,), a.ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(a.batch, a.num_q_heads, a.head_size, dtype=torch.bfloat16, device="cuda")
+    extra = {}
+    if a.fp8:
+        s = torch.tensor([0.25], device="cuda")
+        k, v = (k / s).to(torch.float8_e4m3fn), (v / s).to(torch.float8_e4m3fn)
+        extra = dict(kv_cache_dtype="fp8", k_scale=s, v_scale=s)
+    for _ in range(3):
+        paged_decode_attention(q, k, v, bt, sl, **extra)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
