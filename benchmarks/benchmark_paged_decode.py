@@ -342,13 +342,13 @@ def _tune_experiments():
     heuristics'. The H200 set of this session: FP8 with and without `_widen_fp8_pinned` in the old and
     new configs, 16-bit caches in 4-, 2- and 1-warp programs."""
     exps = []
-    f8 = [(32, 1, 3, 8), (32, 1, 5, 7), (32, 1, 7, 6), (16, 1, 6, 12), (32, 2, 5, 7), (64, 2, 5, 4)]
-    for b, c in [(16, 4096), (64, 4096), (128, 4096), (16, 16384), (1, 16384)]:
-        exps += [(b, c, "fp8", "NHD", cfg, None, True) for cfg in f8]
     # num_stages >= 5: Triton double-buffers the key / value tiles (with 2-4 it keeps one buffer and
     # waits for every copy at the top of each step: the block-table gather takes one pipeline stage)
-    bf = [(64, 4, 2, 4), (64, 4, 5, 3), (32, 4, 5, 6), (32, 2, 5, 6), (32, 1, 5, 7)]
-    for b, c in [(16, 4096), (64, 4096), (1, 16384), (1, 4096), (16, 512)]:
+    f8 = [(64, 2, 5, 4), (64, 2, 7, 3), (32, 1, 7, 6), (32, 1, 5, 7), (64, 4, 5, 3)]
+    for b, c in [(1, 4096), (1, 16384), (16, 4096), (16, 16384), (64, 4096), (64, 16384), (128, 4096)]:
+        exps += [(b, c, "fp8", "NHD", cfg, None, True) for cfg in f8]
+    bf = [(64, 4, 2, 4), (32, 1, 5, 7), (32, 1, 7, 6), (64, 2, 5, 4)]
+    for b, c in [(1, 512), (1, 16384), (16, 512), (16, 4096), (64, 4096), (128, 4096)]:
         exps += [(b, c, "auto", "NHD", cfg, None, True) for cfg in bf]
     return exps
 
