@@ -392,20 +392,23 @@ def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: i
     memory for 16-bit caches), which the split heuristic fills. Deeper pipelines and 8 warps were no
     faster for 16-bit caches, nor were 1- or 2-warp programs (H100 and H200, benchmarks/README.md).
 
-    FP8 with `pinned_widen` (values widened by `_widen_fp8_pinned`), measured on an H200: one warp per
-    program, 32-token steps, 3 stages (181 registers, 21 KB: 11 fit per SM, 8 are counted): a program
-    of one warp keeps its softmax reductions and the p operand inside the warp, where four warps
-    split the tokens and meet in shared memory behind barriers, which the FP8 kernel, bound by issue
-    rather than by DRAM, pays for (b128 x 4096: 358 -> 318 µs, b16 x 4096: 65 -> 57). At a batch of
-    one or two (<= sm_count / 8 programs before the split cuts each row in up to 64 pieces), 2 warps
-    and 64-token steps read the short pieces faster (b1 x 16384: 27.8 -> 24.9 µs). Without it
+    FP8 with `pinned_widen` (values widened by `_widen_fp8_pinned`), measured on an H200 (`--tune`,
+    results/paged_decode_tune_h200_s4*.json): the FP8 kernel is bound by issue and latency rather than
+    by DRAM, so it wants (a) programs of one or two warps, which keep the softmax reductions and the p
+    operand inside a warp where four warps split the tokens and meet in shared memory behind barriers,
+    and (b) num_stages >= 5, where Triton double-buffers the key and value tiles (with 2-4 it keeps one
+    buffer, because the block-table gather takes a pipeline stage, and waits for every copy at the top
+    of each step: 27% of the samples of an ncu profile sat on that barrier). Below two programs per SM
+    before splitting: one warp, 32-token steps, 7 stages (three buffers; 186 registers, 37 KB, 6 per
+    SM); from two on: two warps, 64-token steps, 5 stages (146 registers, 56 KB, 4 per SM). b16 x 4096
+    65 -> 54 µs and b64 x 4096 188 -> 163 against the 4-warp (64, 4, 5). Without it
     (Triton's conversion; measured on an H100): 128-token steps (196 registers, 2 per SM) when the
     batch is small; with at least two programs per SM before splitting, 64-token steps pipelined 5
     deep (145 registers, 3 per SM) are 5-10% faster."""
     head = max(head_size_k, head_size_v)
     if cache_elem_bytes == 1 and head <= 128:
         if pinned_widen:
-            return (64, 2, 3, 4) if base_programs <= sm_count // 8 else (32, 1, 3, 8)
+            return (64, 2, 5, 4) if base_programs >= 2 * sm_count else (32, 1, 7, 6)
         return (64, 4, 5, 3) if base_programs >= 2 * sm_count else (128, 4, 2, 2)
     return (64 if head <= 128 else 32), 4, 2, 4
 
