@@ -355,8 +355,10 @@ def _pdl_available(device: torch.device) -> bool:
 
 
 def _capability(device: torch.device) -> tuple:
+    """An NVIDIA GPU's compute capability; (0, 0) on ROCm, whose "cuda" devices run no PTX (the pinned
+    widening's inline asm, PDL's grid-dependency control)."""
     if device not in _CAPABILITY:
-        _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+        _CAPABILITY[device] = (0, 0) if torch.version.hip else torch.cuda.get_device_capability(device)
     return _CAPABILITY[device]
 
 
