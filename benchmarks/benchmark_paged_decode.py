@@ -342,14 +342,14 @@ def _tune_experiments():
     heuristics'. The H200 set of this session: FP8 with and without `_widen_fp8_pinned` in the old and
     new configs, 16-bit caches in 4-, 2- and 1-warp programs."""
     exps = []
-    # num_stages >= 5: Triton double-buffers the key / value tiles (with 2-4 it keeps one buffer and
-    # waits for every copy at the top of each step: the block-table gather takes one pipeline stage)
-    f8 = [(64, 2, 5, 4), (64, 2, 7, 3), (32, 1, 7, 6), (32, 1, 5, 7), (64, 4, 5, 3)]
-    for b, c in [(1, 4096), (1, 16384), (16, 4096), (16, 16384), (64, 4096), (64, 16384), (128, 4096)]:
-        exps += [(b, c, "fp8", "NHD", cfg, None, True) for cfg in f8]
-    bf = [(64, 4, 2, 4), (32, 1, 5, 7), (32, 1, 7, 6), (64, 2, 5, 4)]
-    for b, c in [(1, 512), (1, 16384), (16, 512), (16, 4096), (64, 4096), (128, 4096)]:
-        exps += [(b, c, "auto", "NHD", cfg, None, True) for cfg in bf]
+    # split counts that are not powers of two: the heuristic rounds down to one, which can leave a
+    # third of the resident slots empty (b16: 4 of 6 one-warp FP8 programs per SM)
+    exps += [(16, c, "fp8", "NHD", None, n, True) for c in (4096, 16384) for n in (4, 5, 6, 8)]
+    exps += [(64, 4096, "fp8", "NHD", None, n, True) for n in (1, 2, 3)]
+    exps += [(128, 4096, "fp8", "NHD", None, n, True) for n in (1, 2)]
+    exps += [(16, 4096, "auto", "NHD", None, n, True) for n in (3, 4, 5, 6, 8)]
+    exps += [(1, 16384, "auto", "NHD", None, n, True) for n in (48, 64, 96, 128)]
+    exps += [(1, 16384, "fp8", "NHD", None, n, True) for n in (48, 64, 96, 128)]
     return exps
 
 
