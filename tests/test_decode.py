@@ -140,6 +140,27 @@ def test_fp8(layout, kv_cache_dtype, per_head, head_size, as_uint8):
     check(case, 2e-2, num_splits=3)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
+def test_fp8_large_batch_launch_config(kv_cache_dtype):
+    """Enough rows for two programs per SM before splitting: FP8 takes its large-batch launch config
+    (on sm_89+ GPUs two-warp, 64-token, 5-stage programs) and stays within the FP8 tolerance."""
+    dev = torch.device(DEVICE)
+    kvh = 2
+    batch = 2 * decode_mod._sm_count(dev) // kvh + 1
+    rng = random.Random(batch)
+    lens = [rng.randrange(0, 70) for _ in range(batch)]
+    _seed("fp8 large batch", kv_cache_dtype)
+    case = make_case("NHD", 4 * kvh, kvh, 64, 16, lens, kv_cache_dtype=kv_cache_dtype)
+    decode_mod._PLANS.clear()
+    check(case, 2e-2)
+    plan = next(iter(decode_mod._PLANS.values()))
+    widen = plan.consts[-1] > 0
+    want = decode_mod.decode_launch_config(64, 64, 1, batch * kvh, decode_mod._sm_count(dev), widen)
+    assert (plan.consts[1], plan.warps, plan.stages) == want[:3]
+    if widen:
+        assert want[:3] == (64, 2, 5)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_splits_agree(layout):
     """1 split == many splits (and == the reference), lengths long enough for several splits."""
