@@ -37,6 +37,7 @@ from miniattn import timing  # noqa: E402
 from miniattn.layout import from_nhd  # noqa: E402
 from miniattn.ops import decode as decode_mod  # noqa: E402
 from miniattn.ops.decode import paged_decode_attention  # noqa: E402
+from miniattn.ops.launch import DirectLaunch  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FP8 = torch.float8_e4m3fn
@@ -479,7 +480,7 @@ def run_host_stub(a, calls=20000):
             fn = lambda: paged_decode_attention(q, k, k, bt, sl)  # noqa: E731
             fn()
             plan = next(iter(decode_mod._PLANS.values()))
-            plan.direct = plan.rdirect = noop
+            plan.direct = plan.rdirect = DirectLaunch(noop, (), True, "stub")
             us = per_call(fn)
             launches = 1 + (plan.splits > 1)
             rows.append(dict(batch=batch, ctx=ctx, splits=plan.splits, launches=launches, python_us=us))

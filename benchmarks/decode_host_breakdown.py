@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from miniattn.ops import decode as D  # noqa: E402
+from miniattn.ops.launch import DirectLaunch  # noqa: E402
 
 
 def per_call(fn, n=3000):
@@ -49,7 +50,7 @@ def main():
               f"raw-address path={bool(plan.direct)}")
         print(f"  whole call: {per_call(fresh):.2f} us; with out=: {per_call(given):.2f} us")
         real = plan.direct, plan.rdirect
-        plan.direct = plan.rdirect = lambda *a: None
+        plan.direct = plan.rdirect = DirectLaunch(lambda *a: None, (), True, "stub")
         print(f"  Python side (C launches stubbed): {per_call(fresh):.2f} us")
         plan.direct, plan.rdirect = real
         stream = torch._C._cuda_getCurrentRawStream(0)
