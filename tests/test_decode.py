@@ -128,6 +128,8 @@ def test_float32_exact(layout):
     ("paged5d", "fp8", True, 64, True),
     ("NHD", "fp8_e5m2", True, 80, False),
     ("HND", "fp8_e5m2", False, 120, True),
+    ("NHD", "fp8", False, 256, False),  # head sizes over 128: the 4-warp FP8 config
+    ("paged5d", "fp8_e5m2", True, 192, False),
 ])
 def test_fp8(layout, kv_cache_dtype, per_head, head_size, as_uint8):
     _seed(layout, kv_cache_dtype, per_head, head_size, as_uint8)
