@@ -16,8 +16,8 @@ split of the paged5d key). Softmax is online, in base 2 (`exp2`, log2(e) folded 
 FP8 caches are loaded as float8 and widened to fp16 for the dots (e4m3/e5m2 -> fp16 is one `cvt` per
 two elements, -> bf16 three; fp16 also keeps more of p's mantissa); `k_scale` is folded into the score
 scale and `v_scale` into the output, so dequantisation costs two multiplies per program. On sm_89+
-the values are widened by `_widen_fp8_pinned` (why: see there) and FP8 programs are one warp
-(`decode_launch_config`).
+the values are widened by `_widen_fp8_pinned` (why: see there) and FP8 programs are one or two warps
+with double-buffered tiles (`decode_launch_config`).
 
 Split-KV (flash-decoding): with NUM_SPLITS > 1 each sequence is cut into NUM_SPLITS equal, BLOCK_N
 aligned pieces *computed in the kernel from seq_len*; each program writes an unnormalised partial
