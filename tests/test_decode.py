@@ -473,3 +473,26 @@ def test_fp8_pinned_widen_matches_triton_conversion(monkeypatch, kv_cache_dtype)
             assert rel_err(o, ref) <= 2e-2
         for o in outs[True]:
             assert rel_err(o, outs[False][0].double()) <= 2e-3
+
+
+def test_pinned_widen_and_pdl_gates(monkeypatch):
+    """Which GPUs get the PTX paths: pinned FP8 widening from sm_89, PDL from sm_90, neither on ROCm
+    (whose devices torch also calls cuda) nor under the interpreter (decisions only: no launch)."""
+    fake = torch.device("cuda", 7)
+    monkeypatch.setattr(decode_mod, "interpreting", lambda: False)
+    monkeypatch.setattr(decode_mod, "_TRITON", True)
+    for cap, widen, pdl in [((8, 0), 0, False), ((8, 9), 1, False), ((9, 0), 1, True), ((10, 0), 1, True)]:
+        monkeypatch.setitem(decode_mod._CAPABILITY, fake, cap)
+        assert decode_mod._v_widen(fake, "fp8") == widen
+        assert decode_mod._v_widen(fake, "fp8_e5m2") == (2 if widen else 0)
+        assert decode_mod._pdl_available(fake) == (pdl and decode_mod._HAS_GDC)
+    monkeypatch.setattr(decode_mod, "PINNED_WIDEN_ENABLED", False)
+    assert decode_mod._v_widen(fake, "fp8") == 0
+    monkeypatch.setattr(decode_mod, "PINNED_WIDEN_ENABLED", True)
+    monkeypatch.delitem(decode_mod._CAPABILITY, fake)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert decode_mod._capability(fake) == (0, 0)
+    assert decode_mod._v_widen(fake, "fp8") == 0 and not decode_mod._pdl_available(fake)
+    monkeypatch.setattr(decode_mod, "interpreting", lambda: True)
+    monkeypatch.setitem(decode_mod._CAPABILITY, fake, (9, 0))
+    assert decode_mod._v_widen(fake, "fp8") == 0
