@@ -340,8 +340,9 @@ def _tune_experiments():
     """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, pinned FP8 widening).
 
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
-    heuristics'. The H200 set of this session: FP8 with and without `_widen_fp8_pinned` in the old and
-    new configs, 16-bit caches in 4-, 2- and 1-warp programs."""
+    heuristics'. Each tuning round replaces this set with its question (the set here: the last
+    round, paged5d FP8 with and without `_widen_fp8_pinned`); earlier rounds' sets are in git history
+    and their results in results/paged_decode_tune_*.json."""
     exps = []
     # paged5d FP8: its value tiles are token-major, so Triton's own conversion needs no byte gather
     for b, c in [(16, 4096), (64, 4096), (128, 4096), (1, 16384)]:

@@ -58,7 +58,7 @@ def main():
                  plan.dummy.data_ptr(), out.data_ptr())
         g = plan.grid
         one = lambda: plan.direct(g[0], g[1], g[2], stream, *addrs, *plan.tail)  # noqa: E731
-        print(f"  one direct launch of the main kernel ({getattr(plan.direct, 'kind', type(plan.direct).__name__)}): {per_call(one):.2f} us")
+        print(f"  one direct launch of the main kernel ({plan.direct.kind}): {per_call(one):.2f} us")
     print(f"torch.empty: {per_call(lambda: torch.empty((16, 32, 128), dtype=torch.bfloat16, device='cuda')):.2f} us")
     print(f"torch.add (a CUDA op): {per_call(lambda: torch.add(q, q)):.2f} us")
     print(f"os.environ.get: {per_call(lambda: os.environ.get('MINIATTN_DEBUG', '0')):.2f} us")

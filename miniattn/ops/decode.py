@@ -716,7 +716,6 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
 
     if out is None:  # the query's dtype and device, sizes spread out: the cheapest allocation torch has here
         out = query.new_empty(*plan.out_shape)  # (1.2 µs on the dev VM; torch.empty(shape, ...) 1.7-2.6)
-    ks, vs = (k_scale, v_scale) if plan.fp8 else (plan.dummy, plan.dummy)
     direct = plan.direct
     if direct:
         # Hot path: this configuration is validated and both kernels are compiled for 16-byte aligned
@@ -725,7 +724,7 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
         # Launcher path below. (uint8 FP8 caches need no float8 view: the address is the same.)
         q_a, k_a, v_a, o_a = query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), out.data_ptr()
         bt_a, sl_a = block_tables.data_ptr(), seq_lens.data_ptr()
-        ks_a, vs_a = (ks.data_ptr(), vs.data_ptr()) if plan.fp8 else plan.dummy_addrs
+        ks_a, vs_a = (k_scale.data_ptr(), v_scale.data_ptr()) if plan.fp8 else plan.dummy_addrs
         if not (q_a | k_a | v_a | o_a | bt_a | sl_a | ks_a | vs_a) & 15 and not hooks_installed():
             stream = torch._C._cuda_getCurrentRawStream(plan.device_index)
             g = plan.grid
@@ -745,6 +744,7 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
                                                                            *plan.rtail))
             return out
 
+    ks, vs = (k_scale, v_scale) if plan.fp8 else (plan.dummy, plan.dummy)
     kc, vc = key_cache, value_cache
     if plan.fp8:
         kc, vc = as_cache_dtype(kc, kv_cache_dtype), as_cache_dtype(vc, kv_cache_dtype)
