@@ -337,16 +337,17 @@ def plot(rows, path):
 # ------------------------------------------------------------------------------------------------
 
 def _tune_experiments():
-    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, pinned FP8 widening).
+    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, pinned FP8 widening,
+    fused split merge).
 
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
     heuristics'. Each tuning round replaces this set with its question (the set here: the last
-    round, paged5d FP8 with and without `_widen_fp8_pinned`); earlier rounds' sets are in git history
-    and their results in results/paged_decode_tune_*.json."""
+    round, the split merge fused into the main kernel against the merge kernel, at the points that
+    split); earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json."""
     exps = []
-    # paged5d FP8: its value tiles are token-major, so Triton's own conversion needs no byte gather
-    for b, c in [(16, 4096), (64, 4096), (128, 4096), (1, 16384)]:
-        exps += [(b, c, "fp8", "paged5d", None, None, w) for w in (True, False)]
+    for b, c in [(1, 512), (1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 4096), (16, 16384)]:
+        for cdt in ("auto", "fp8"):
+            exps += [(b, c, cdt, "NHD", None, None, True, f) for f in (True, False)]
     return exps
 
 
@@ -366,7 +367,7 @@ def run_tune(a):
         s1 = torch.tensor([0.25], device="cuda")
         caches = {}
         ref = {}
-        for _, _, cdt, lay, cfg, ns, widen in group:
+        for _, _, cdt, lay, cfg, ns, widen, fused in group:
             if (cdt, lay) not in caches:
                 k, v = (inp["k"], inp["v"]) if cdt == "auto" else ((inp["k"] / s1).to(FP8), (inp["v"] / s1).to(FP8))
                 caches[(cdt, lay)] = (k, v) if lay == "NHD" else from_nhd(lay, k, v)
@@ -375,12 +376,14 @@ def run_tune(a):
             elem = k.element_size()
             decode_mod.decode_launch_config = (lambda *x, cfg=cfg: cfg) if cfg else real_cfg
             decode_mod.PINNED_WIDEN_ENABLED = widen
+            decode_mod.FUSED_MERGE_ENABLED = fused
             decode_mod._PLANS.clear()
             fn = lambda: paged_decode_attention(q, k, v, bt, sl, kv_layout=lay, num_splits=ns, **extra)  # noqa: E731
             try:
                 o = fn().float()
                 err = float((o - ref.setdefault(cdt, o)).abs().max())
                 us = timing.time_graph(fn)
+                host = timing.time_host_loop(fn) if batch * ctx <= 65536 else None
             except Exception as e:
                 print(f"  b={batch} ctx={ctx} {cdt} {lay} cfg={cfg} splits={ns}: {type(e).__name__} {str(e)[:160]}")
                 continue
@@ -388,13 +391,15 @@ def run_tune(a):
             gb = timing.gbps(kv_bytes(batch, ctx, a, elem), us)
             used = (plan.consts[1], plan.warps, plan.stages) if cfg is None else cfg
             rows.append(dict(batch=batch, ctx=ctx, cache=cdt, layout=lay, cfg=str(used), splits=plan.splits,
-                             forced_splits=ns, v_widen=plan.consts[-1], us=us, gbps=gb, pct=100 * gb / ceiling,
-                             max_diff_vs_first=err))
+                             forced_splits=ns, v_widen=plan.consts[-1], fused_merge=fused, us=us, host_us=host,
+                             gbps=gb, pct=100 * gb / ceiling, max_diff_vs_first=err))
             print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} {lay:<8} cfg={str(used):<13} splits={plan.splits:<3} "
-                  f"widen={plan.consts[-1]} {us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}% diff {err:.2e}",
+                  f"widen={plan.consts[-1]} fused={fused:d} {us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}% "
+                  f"host {'-' if host is None else f'{host:.1f}'} diff {err:.2e}",
                   flush=True)
         decode_mod.decode_launch_config = real_cfg
         decode_mod.PINNED_WIDEN_ENABLED = True
+        decode_mod.FUSED_MERGE_ENABLED = True
         del inp, caches
         free()
     return rows, ceiling
@@ -413,6 +418,7 @@ def run_pdl_ab(a, rounds=3):
     ceiling = timing.read_bandwidth()
     print(f"read ceiling {ceiling:.0f} GB/s")
     rows = []
+    decode_mod.FUSED_MERGE_ENABLED = False  # PDL is the merge kernel's launch
     try:
         for batch, ctx in PDL_POINTS:
             inp = make_inputs(batch, ctx, a)
@@ -439,6 +445,7 @@ def run_pdl_ab(a, rounds=3):
             free()
     finally:
         decode_mod.PDL_ENABLED = True
+        decode_mod.FUSED_MERGE_ENABLED = True
         decode_mod._PLANS.clear()
     return rows, ceiling
 
@@ -483,7 +490,7 @@ def run_host_stub(a, calls=20000):
             plan = next(iter(decode_mod._PLANS.values()))
             plan.direct = plan.rdirect = DirectLaunch(noop, (), True, "stub")
             us = per_call(fn)
-            launches = 1 + (plan.splits > 1)
+            launches = 1 + plan.merges
             rows.append(dict(batch=batch, ctx=ctx, splits=plan.splits, launches=launches, python_us=us))
             print(f"  b={batch:<3} ctx={ctx:<5} splits={plan.splits:<3} {launches} launch(es): {us:5.2f} us of Python "
                   f"per call (+ Triton's C launch and the driver per kernel)", flush=True)

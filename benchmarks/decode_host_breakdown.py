@@ -46,7 +46,7 @@ def main():
         given = lambda: D.paged_decode_attention(q, k, k, bt, sl, out=out)  # noqa: E731
         fresh(), given()
         plan = next(iter(D._PLANS.values()))
-        print(f"b={batch} ctx={ctx} splits={plan.splits} ({1 + (plan.splits > 1)} launches), "
+        print(f"b={batch} ctx={ctx} splits={plan.splits} ({1 + plan.merges} launches), "
               f"raw-address path={bool(plan.direct)}")
         print(f"  whole call: {per_call(fresh):.2f} us; with out=: {per_call(given):.2f} us")
         real = plan.direct, plan.rdirect

@@ -177,6 +177,41 @@ def test_splits_agree(layout):
     check(case, 1e-2, num_splits=32)
 
 
+@pytest.mark.parametrize("qh,kvh,kv_cache_dtype", [(8, 2, "auto"), (2, 2, "fp8"), (72, 1, "auto")])
+def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
+    """Split partials merged inside the main kernel (the last program of a sequence and kv head to
+    finish) == merged by the separate merge kernel == the reference, with empty pieces (more splits
+    than a short row has tiles), padding rows, GQA 4:1, MHA, row chunks (72:1), FP8 with per-head
+    scales. The arrival counters are back at zero after every call, so calls can repeat."""
+    _seed("fused", qh, kvh, kv_cache_dtype)
+    case = make_case("NHD", qh, kvh, 64, 16, (300, 1, 0, 129), kv_cache_dtype=kv_cache_dtype,
+                     per_head_scale=True)
+    ref = paged_decode_attention_ref(**case)
+    outs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(decode_mod, "FUSED_MERGE_ENABLED", fused)
+        monkeypatch.setattr(decode_mod, "_PLANS", {})
+        outs[fused] = [paged_decode_attention(**case, num_splits=8) for _ in range(3 if DEVICE == "cuda" else 2)]
+        (plan,) = decode_mod._PLANS.values()
+        assert plan.merges == (not fused) and plan.splits == 8
+        if fused:
+            assert plan.arrivals.shape == (4, kvh * -(-(qh // kvh) // 64))
+            assert (plan.arrivals == 0).all(), "arrival counters not reset"
+    for o in outs[True] + outs[False]:
+        assert rel_err(o, ref) <= (2e-2 if kv_cache_dtype != "auto" else 1e-2)
+        assert (o[2] == 0).all()
+    for o in outs[True]:  # the same partials, summed in another order
+        assert rel_err(o, outs[False][0].double()) <= 2e-3
+
+
+def test_merge_shape():
+    """The fused merge holds the group's real rows, pieces up to 4096 floats per step, a pow2 pad."""
+    assert decode_mod._merge_shape(4, 16, 128, 64) == (4, 8, 64)
+    assert decode_mod._merge_shape(1, 16, 64, 3) == (1, 4, 4)
+    assert decode_mod._merge_shape(72, 64, 256, 8) == (64, 1, 8)
+    assert decode_mod._merge_shape(8, 16, 128, 2) == (8, 2, 2)
+
+
 def test_split_heuristic():
     assert choose_num_splits(128, 8, 4096, 64, 132) == 1  # the batch alone fills the GPU
     assert choose_num_splits(1, 8, 16384, 64, 132) > 8  # small batch, long context: split
@@ -433,6 +468,7 @@ def test_cuda_graph_replay_with_new_lengths():
 def test_merge_kernel_with_and_without_pdl(monkeypatch):
     """The merge kernel launched as a programmatic dependent (sm_90+) gives the result of a plain launch."""
     from miniattn.ops import decode as decode_mod
+    monkeypatch.setattr(decode_mod, "FUSED_MERGE_ENABLED", False)  # the merge kernel, not the fused merge
     _seed("pdl")
     case = make_case("NHD", 32, 8, 128, 16, (3000, 1, 0, 777), extra_blocks=40)
     outs = {}

@@ -87,6 +87,48 @@ if triton_available():
                 "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
 
     @triton.jit
+    def _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, kvh, row0, seq_len,
+                      split_len, num_q_heads, o_stride_b, o_stride_h, o_stride_d,
+                      HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, GROUP: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
+                      MERGE_CHUNK: tl.constexpr, FP8: tl.constexpr, V_SCALE_PER_HEAD: tl.constexpr):
+        """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the pieces s of the rows
+        row0 .. row0 + MERGE_ROWS of kv head `kvh` (flash-decoding's merge, inside the main kernel).
+        Partials were written by other programs: read through L2 (`.cg`), never a stale L1 line."""
+        rows = row0 + tl.arange(0, MERGE_ROWS)
+        row_ok = rows < GROUP
+        qrow = (b.to(tl.int64) * num_q_heads + kvh * GROUP + rows) * NUM_SPLITS  # [MERGE_ROWS]
+        num_pieces = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # pieces that wrote partials
+        sp = tl.arange(0, SPLITS_PAD)
+        ok = row_ok[:, None] & (sp < num_pieces)[None, :]
+        m = tl.load(part_max_ptr + qrow[:, None] + sp[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_sum_ptr + qrow[:, None] + sp[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        m_all = tl.maximum(tl.max(m, 1), -1e30)  # [MERGE_ROWS]; finite with no piece: no inf - inf
+        denom = tl.sum(tl.where(ok, tl.exp2(m - m_all[:, None]), 0.0) * l_s, 1)
+        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)  # seq_len 0: the sum is 0 -> zeros
+        if FP8:
+            if V_SCALE_PER_HEAD:
+                inv = inv * tl.load(v_scale_ptr + kvh)
+            else:
+                inv = inv * tl.load(v_scale_ptr)
+
+        dv = tl.arange(0, HEAD_V_PAD)
+        ch = tl.arange(0, MERGE_CHUNK)
+        o = tl.zeros([MERGE_ROWS, HEAD_V_PAD], dtype=tl.float32)
+        for s0 in range(0, num_pieces, MERGE_CHUNK):
+            s = s0 + ch
+            ok_s = row_ok[:, None] & (s < num_pieces)[None, :]  # [MERGE_ROWS, MERGE_CHUNK]
+            m_s = tl.load(part_max_ptr + qrow[:, None] + s[None, :], mask=ok_s, other=float("-inf"),
+                          cache_modifier=".cg")
+            w = tl.where(ok_s, tl.exp2(m_s - m_all[:, None]), 0.0)
+            a = tl.load(part_acc_ptr + (qrow[:, None, None] + s[None, :, None]) * HEAD_V_PAD + dv[None, None, :],
+                        mask=ok_s[:, :, None], other=0.0, cache_modifier=".cg")  # [ROWS, CHUNK, HEAD_V_PAD]
+            o += tl.sum(a * w[:, :, None], 1)
+        qh = kvh * GROUP + rows
+        tl.store(out_ptr + b.to(tl.int64) * o_stride_b + qh[:, None] * o_stride_h + dv[None, :] * o_stride_d,
+                 (o * inv[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv < HEAD_V)[None, :])
+
+    @triton.jit
     def _paged_decode_kernel(
         # ---- pointers -------------------------------------------------------------------------
         q_ptr,  # [batch, num_q_heads, HEAD_K] query dtype
@@ -100,6 +142,7 @@ if triton_available():
         part_acc_ptr,  # [batch, num_q_heads, NUM_SPLITS, HEAD_V_PAD] float32 (NUM_SPLITS > 1)
         part_max_ptr,  # [batch, num_q_heads, NUM_SPLITS] float32, running max (log2 units)
         part_sum_ptr,  # [batch, num_q_heads, NUM_SPLITS] float32, running sum of exp2
+        arrivals_ptr,  # [batch, grid axis 1] int32, zero between calls (FUSED_MERGE: pieces done so far)
         # ---- ints -----------------------------------------------------------------------------
         q_stride_b, q_stride_h, q_stride_d,  # query
         o_stride_b, o_stride_h, o_stride_d,  # out
@@ -129,6 +172,10 @@ if triton_available():
         DOT_F32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 as raw bits, so widen first
         IEEE: tl.constexpr,  # float32 queries and caches: exact fp32 dots (no tf32)
         PDL: tl.constexpr,  # the merge kernel is launched as a programmatic dependent of this one
+        FUSED_MERGE: tl.constexpr,  # NUM_SPLITS > 1: the last program of a (sequence, kv head) merges
+        MERGE_ROWS: tl.constexpr,  # FUSED_MERGE: q rows merged (pow2 >= the group's rows in this program)
+        MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
+        SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
         V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
@@ -156,8 +203,9 @@ if triton_available():
             split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
             start = split * split_len
             end = tl.minimum(start + split_len, seq_len)
-            if start >= end:  # past the end of this sequence (or an empty one): nothing to do
-                return
+            if not FUSED_MERGE:
+                if start >= end:  # past the end of this sequence (or an empty one): nothing to do
+                    return
 
         q = tl.load(
             q_ptr + b.to(tl.int64) * q_stride_b + qh[:, None] * q_stride_h + dk[None, :] * q_stride_d,
@@ -258,9 +306,25 @@ if triton_available():
                      mask=row_ok[:, None] & dv_ok[None, :])
         else:
             part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + split  # [ROWS]
-            tl.store(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], acc, mask=row_ok[:, None])
-            tl.store(part_max_ptr + part_row, m_i, mask=row_ok)
-            tl.store(part_sum_ptr + part_row, l_i, mask=row_ok)
+            # FUSED_MERGE: an empty piece writes nothing but arrives (a row limit, not `mask & scalar`,
+            # which the interpreter turns into int32 and rejects)
+            wrote = rows < tl.where(start < end, GROUP, 0)
+            tl.store(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], acc, mask=wrote[:, None])
+            tl.store(part_max_ptr + part_row, m_i, mask=wrote)
+            tl.store(part_sum_ptr + part_row, l_i, mask=wrote)
+            if FUSED_MERGE:
+                # Arrive: every thread's partial stores come before the barrier, and the counter's
+                # acq_rel atomic (one thread) releases them at GPU scope; the program that arrives
+                # last acquires everyone's and merges. It also puts the counter back to 0 for the
+                # next call (nobody else touches it after the last arrival), so graphs replay.
+                tl.debug_barrier()
+                arrivals = arrivals_ptr + b.to(tl.int64) * tl.num_programs(1) + pid_h
+                if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                    tl.store(arrivals, 0)
+                    _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr,
+                                  b, kvh, chunk * ROWS, seq_len, split_len, num_q_heads,
+                                  o_stride_b, o_stride_h, o_stride_d, HEAD_V, HEAD_V_PAD, GROUP,
+                                  NUM_SPLITS, SPLITS_PAD, MERGE_ROWS, MERGE_CHUNK, FP8, V_SCALE_PER_HEAD)
 
     @triton.jit
     def _paged_decode_reduce_kernel(
@@ -360,6 +424,24 @@ def _capability(device: torch.device) -> tuple:
     if device not in _CAPABILITY:
         _CAPABILITY[device] = (0, 0) if torch.version.hip else torch.cuda.get_device_capability(device)
     return _CAPABILITY[device]
+
+
+#: split-KV partials merged inside the main kernel by the last program of each (sequence, kv head)
+#: to finish (one launch per call), instead of by `_paged_decode_reduce_kernel` (a second launch);
+#: the benchmarks switch it off to compare (clear `_PLANS` after)
+FUSED_MERGE_ENABLED = True
+
+
+def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int) -> tuple:
+    """(MERGE_ROWS, MERGE_CHUNK, SPLITS_PAD) of the fused merge: the q rows one program holds (the
+    group's real rows, not the >= 16 padded ones), and as many pieces per step as keep the
+    [rows, pieces, head] partial tile at 4096 floats: sm_90 SASS of the 4-warp 16-bit kernel keeps
+    its 96 registers with that, and takes 139 with twice as much (fewer programs per SM); the 1- and
+    2-warp FP8 kernels keep their 186."""
+    merge_rows = min(rows, _next_pow2(group))
+    splits_pad = max(2, _next_pow2(num_splits))
+    chunk = max(1, 4096 // (merge_rows * head_v_pad))
+    return merge_rows, min(_next_pow2(chunk + 1) // 2, splits_pad), splits_pad
 
 
 #: FP8 value widening by `_widen_fp8_pinned` where the GPU has the cvt (sm_89+); the benchmarks
@@ -464,7 +546,8 @@ class _Plan:
 
     __slots__ = ("grid", "ints", "consts", "warps", "stages", "splits", "rgrid", "rints", "rconsts",
                  "part_acc", "part_max", "part_sum", "part_addrs", "out_shape", "fp8", "dummy",
-                 "device_index", "direct", "rdirect", "tail", "rtail", "pdl", "dummy_addrs")
+                 "device_index", "direct", "rdirect", "tail", "rtail", "pdl", "dummy_addrs", "arrivals",
+                 "merges")
 
 
 def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
@@ -560,7 +643,8 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, sm_count, per_sm)
     plan.splits = num_splits
-    plan.pdl = num_splits > 1 and _pdl_available(device)
+    fused = num_splits > 1 and FUSED_MERGE_ENABLED
+    plan.pdl = num_splits > 1 and not fused and _pdl_available(device)
 
     ks = cache_strides(kv_layout, kc, is_key=True)
     vs = cache_strides(kv_layout, vc, is_key=False)
@@ -591,6 +675,8 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         device.type != "cuda" and query.dtype == torch.bfloat16 and not fp8,
         query.dtype == torch.float32 and not fp8,
         plan.pdl,
+        fused,
+        *_merge_shape(group, rows, head_v_pad, num_splits),
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
@@ -599,10 +685,14 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     plan.dummy = torch.zeros(1, dtype=torch.float32, device=device)
     plan.dummy_addrs = (plan.dummy.data_ptr(),) * 2  # the scale pointers of 16-bit caches
     # split-KV scratch, allocated once per configuration (so that graph capture allocates nothing)
+    plan.arrivals = plan.dummy
+    plan.merges = num_splits > 1 and not fused  # a second launch: the merge kernel
     if num_splits > 1:
         plan.part_acc = torch.empty(batch, num_q_heads, num_splits, head_v_pad, dtype=torch.float32, device=device)
         plan.part_max = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
         plan.part_sum = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
+        if fused:  # zero now; each call's last arrivals put their counters back to zero
+            plan.arrivals = torch.zeros(batch, num_kv_heads * row_chunks, dtype=torch.int32, device=device)
         plan.rgrid = (num_q_heads, batch)
         plan.rints = (*out_strides, num_q_heads)
         plan.rconsts = (block_n, head_v, head_v_pad, group, num_splits, max(2, _next_pow2(num_splits)), fp8,
@@ -610,8 +700,9 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     else:
         plan.part_acc = plan.part_max = plan.part_sum = plan.dummy
     plan.part_addrs = (plan.part_acc.data_ptr(), plan.part_max.data_ptr(), plan.part_sum.data_ptr())
-    plan.tail = plan.part_addrs + plan.ints + plan.consts  # the hot path's arguments after the pointers
-    plan.rtail = (plan.rints + plan.rconsts) if num_splits > 1 else ()
+    # the hot path's arguments after the pointers
+    plan.tail = plan.part_addrs + (plan.arrivals.data_ptr(),) + plan.ints + plan.consts
+    plan.rtail = (plan.rints + plan.rconsts) if plan.merges else ()
     return plan
 
 
@@ -734,7 +825,7 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
             else:
                 direct.fn(g[0], g[1], g[2], stream, *direct.head, (q_a, k_a, v_a, bt_a, sl_a, ks_a, vs_a, o_a,
                                                                    *plan.tail))
-            if plan.splits > 1:
+            if plan.merges:
                 r = plan.rdirect
                 if r.spread:
                     r.fn(plan.rgrid[0], plan.rgrid[1], 1, stream, *r.head, *plan.part_addrs, sl_a, vs_a, o_a,
@@ -748,15 +839,16 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
     kc, vc = key_cache, value_cache
     if plan.fp8:
         kc, vc = as_cache_dtype(kc, kv_cache_dtype), as_cache_dtype(vc, kv_cache_dtype)
-    ptrs = (query, kc, vc, block_tables, seq_lens, ks, vs, out, plan.part_acc, plan.part_max, plan.part_sum)
+    ptrs = (query, kc, vc, block_tables, seq_lens, ks, vs, out, plan.part_acc, plan.part_max, plan.part_sum,
+            plan.arrivals)
     _DECODE(plan.grid, ptrs, plan.ints, plan.consts, plan.warps, plan.stages)
     rptrs = (plan.part_acc, plan.part_max, plan.part_sum, seq_lens, vs, out)
-    if plan.splits > 1:
+    if plan.merges:
         _REDUCE(plan.rgrid, rptrs, plan.rints, plan.rconsts, 4, 1, launch_pdl=plan.pdl)
     if plan.direct is None and query.is_cuda and not interpreting() and not any(p.data_ptr() & 15 for p in ptrs):
         plan.direct = compiled_handle(_paged_decode_kernel, plan.grid, ptrs, plan.ints, plan.consts, plan.warps,
                                        plan.stages)
-        if plan.direct and plan.splits > 1:
+        if plan.direct and plan.merges:
             plan.rdirect = compiled_handle(_paged_decode_reduce_kernel, plan.rgrid, rptrs, plan.rints,
                                             plan.rconsts, 4, 1, launch_pdl=plan.pdl)
             plan.direct = plan.direct if plan.rdirect else False
