@@ -337,17 +337,18 @@ def plot(rows, path):
 # ------------------------------------------------------------------------------------------------
 
 def _tune_experiments():
-    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, pinned FP8 widening,
-    fused split merge).
+    """(batch, ctx, kv_cache_dtype, layout, launch config or None, num_splits or None, knobs).
 
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
-    heuristics'. Each tuning round replaces this set with its question (the set here: the last
-    round, the split merge fused into the main kernel against the merge kernel, at the points that
-    split); earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json."""
+    heuristics'. knobs: `decode` module settings for the experiment ({"MIN_ROWS": 4}, ...), put
+    back after it. Each tuning round replaces this set with its question (the set here: the last
+    round, q rows padded to 16 against the group's own 4 (Triton pads the MMA itself), with FP8 and
+    bf16 at the FP8 target's points and two small ones); earlier rounds' sets are in git history and
+    their results in results/paged_decode_tune_*.json."""
     exps = []
-    for b, c in [(1, 512), (1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 4096), (16, 16384)]:
+    for b, c in [(1, 512), (1, 16384), (16, 4096), (64, 4096), (128, 4096), (64, 16384)]:
         for cdt in ("auto", "fp8"):
-            exps += [(b, c, cdt, "NHD", None, None, True, f) for f in (True, False)]
+            exps += [(b, c, cdt, "NHD", None, None, {"MIN_ROWS": r}) for r in (16, 4)]
     return exps
 
 
@@ -367,7 +368,7 @@ def run_tune(a):
         s1 = torch.tensor([0.25], device="cuda")
         caches = {}
         ref = {}
-        for _, _, cdt, lay, cfg, ns, widen, fused in group:
+        for _, _, cdt, lay, cfg, ns, knobs in group:
             if (cdt, lay) not in caches:
                 k, v = (inp["k"], inp["v"]) if cdt == "auto" else ((inp["k"] / s1).to(FP8), (inp["v"] / s1).to(FP8))
                 caches[(cdt, lay)] = (k, v) if lay == "NHD" else from_nhd(lay, k, v)
@@ -375,8 +376,9 @@ def run_tune(a):
             extra = {} if cdt == "auto" else dict(kv_cache_dtype="fp8", k_scale=s1, v_scale=s1)
             elem = k.element_size()
             decode_mod.decode_launch_config = (lambda *x, cfg=cfg: cfg) if cfg else real_cfg
-            decode_mod.PINNED_WIDEN_ENABLED = widen
-            decode_mod.FUSED_MERGE_ENABLED = fused
+            saved = {name: getattr(decode_mod, name) for name in knobs}
+            for name, val in knobs.items():
+                setattr(decode_mod, name, val)
             decode_mod._PLANS.clear()
             fn = lambda: paged_decode_attention(q, k, v, bt, sl, kv_layout=lay, num_splits=ns, **extra)  # noqa: E731
             try:
@@ -385,21 +387,23 @@ def run_tune(a):
                 us = timing.time_graph(fn)
                 host = timing.time_host_loop(fn) if batch * ctx <= 65536 else None
             except Exception as e:
-                print(f"  b={batch} ctx={ctx} {cdt} {lay} cfg={cfg} splits={ns}: {type(e).__name__} {str(e)[:160]}")
+                print(f"  b={batch} ctx={ctx} {cdt} {lay} cfg={cfg} splits={ns} {knobs}: {type(e).__name__} "
+                      f"{str(e)[:160]}")
                 continue
+            finally:
+                for name, val in saved.items():
+                    setattr(decode_mod, name, val)
             plan = next(iter(decode_mod._PLANS.values()))
+            decode_mod._PLANS.clear()
             gb = timing.gbps(kv_bytes(batch, ctx, a, elem), us)
             used = (plan.consts[1], plan.warps, plan.stages) if cfg is None else cfg
             rows.append(dict(batch=batch, ctx=ctx, cache=cdt, layout=lay, cfg=str(used), splits=plan.splits,
-                             forced_splits=ns, v_widen=plan.consts[-1], fused_merge=fused, us=us, host_us=host,
-                             gbps=gb, pct=100 * gb / ceiling, max_diff_vs_first=err))
+                             forced_splits=ns, v_widen=plan.consts[-1], merges=plan.merges, knobs=knobs, us=us,
+                             host_us=host, gbps=gb, pct=100 * gb / ceiling, max_diff_vs_first=err))
             print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} {lay:<8} cfg={str(used):<13} splits={plan.splits:<3} "
-                  f"widen={plan.consts[-1]} fused={fused:d} {us:8.1f} us {gb:6.0f} GB/s {rows[-1]['pct']:5.1f}% "
-                  f"host {'-' if host is None else f'{host:.1f}'} diff {err:.2e}",
-                  flush=True)
+                  f"widen={plan.consts[-1]} merge kernel={plan.merges:d} {knobs} {us:8.1f} us {gb:6.0f} GB/s "
+                  f"{rows[-1]['pct']:5.1f}% host {'-' if host is None else f'{host:.1f}'} diff {err:.2e}", flush=True)
         decode_mod.decode_launch_config = real_cfg
-        decode_mod.PINNED_WIDEN_ENABLED = True
-        decode_mod.FUSED_MERGE_ENABLED = True
         del inp, caches
         free()
     return rows, ceiling

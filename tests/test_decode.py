@@ -205,11 +205,12 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
 
 
 def test_merge_shape():
-    """The fused merge holds the group's real rows, pieces up to 4096 floats per step, a pow2 pad."""
-    assert decode_mod._merge_shape(4, 16, 128, 64) == (4, 8, 64)
-    assert decode_mod._merge_shape(1, 16, 64, 3) == (1, 4, 4)
-    assert decode_mod._merge_shape(72, 64, 256, 8) == (64, 1, 8)
-    assert decode_mod._merge_shape(8, 16, 128, 2) == (8, 2, 2)
+    """The fused merge holds the group's real rows, pieces up to 32 floats per thread per step, a pow2 pad."""
+    assert decode_mod._merge_shape(4, 16, 128, 64, 4) == (4, 8, 64)
+    assert decode_mod._merge_shape(4, 16, 128, 64, 1) == (4, 2, 64)
+    assert decode_mod._merge_shape(1, 16, 64, 3, 4) == (1, 4, 4)
+    assert decode_mod._merge_shape(72, 64, 256, 8, 4) == (64, 1, 8)
+    assert decode_mod._merge_shape(8, 16, 128, 2, 2) == (8, 2, 2)
 
 
 def test_split_heuristic():

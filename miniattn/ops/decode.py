@@ -47,6 +47,8 @@ _QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP8_NAMES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _MAX_HEAD_SIZE = 256
 _MAX_ROWS = 64  # q rows one program holds; larger GQA groups are cut into row chunks
+#: q rows one program holds at least (a GQA group is padded to it): 16 is the MMA's M
+MIN_ROWS = 16
 
 if triton_available():
     import triton
@@ -163,7 +165,7 @@ if triton_available():
         V_ALIGN: tl.constexpr,  # the same for values
         V_RUN: tl.constexpr,  # >1: value tokens are contiguous in page-aligned runs of V_RUN (paged5d)
         GROUP: tl.constexpr,  # q heads per kv head
-        ROWS: tl.constexpr,  # q rows per program (>= 16, pow2)
+        ROWS: tl.constexpr,  # q rows per program (>= MIN_ROWS, pow2)
         ROW_CHUNKS: tl.constexpr,  # programs per kv head along the group
         NUM_SPLITS: tl.constexpr,
         FP8: tl.constexpr,
@@ -427,20 +429,26 @@ def _capability(device: torch.device) -> tuple:
 
 
 #: split-KV partials merged inside the main kernel by the last program of each (sequence, kv head)
-#: to finish (one launch per call), instead of by `_paged_decode_reduce_kernel` (a second launch);
-#: the benchmarks switch it off to compare (clear `_PLANS` after)
+#: to finish (one launch per call), instead of by `_paged_decode_reduce_kernel` (a second launch),
+#: for up to FUSED_MERGE_MAX_SPLITS pieces. Measured on an H200 (results/paged_decode_tune_h200_s5r1):
+#: with 4-16 pieces fused is faster in graphs (b16 x 4096 81.7 -> 79.1 µs, b16 x 512 23.9 -> 21.4,
+#: FP8 b1 x 512 12.2 -> 11.0) and saves the second launch's host cost (b1 x 512 eager loop 15.1 ->
+#: 11.7 µs); with 64 one program's serial merge of 64 partials is slower than the merge kernel's 32
+#: programs (b1 x 4096 16.5 -> 19.4, b1 x 16384 32.7 -> 34.9). The benchmarks switch it off to
+#: compare (clear `_PLANS` after).
 FUSED_MERGE_ENABLED = True
+FUSED_MERGE_MAX_SPLITS = 16
 
 
-def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int) -> tuple:
+def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int, warps: int) -> tuple:
     """(MERGE_ROWS, MERGE_CHUNK, SPLITS_PAD) of the fused merge: the q rows one program holds (the
     group's real rows, not the >= 16 padded ones), and as many pieces per step as keep the
-    [rows, pieces, head] partial tile at 4096 floats: sm_90 SASS of the 4-warp 16-bit kernel keeps
-    its 96 registers with that, and takes 139 with twice as much (fewer programs per SM); the 1- and
-    2-warp FP8 kernels keep their 186."""
+    [rows, pieces, head] partial tile at 32 floats per thread: sm_90 SASS of the 4-warp 16-bit
+    kernel keeps its 96 registers with that, and takes 139 with twice as much (fewer programs per
+    SM)."""
     merge_rows = min(rows, _next_pow2(group))
     splits_pad = max(2, _next_pow2(num_splits))
-    chunk = max(1, 4096 // (merge_rows * head_v_pad))
+    chunk = max(1, (32 * 32 * warps) // (merge_rows * head_v_pad))
     return merge_rows, min(_next_pow2(chunk + 1) // 2, splits_pad), splits_pad
 
 
@@ -631,7 +639,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     plan.direct = plan.rdirect = None  # raw-launch handles, taken after the first aligned call (False: none)
     plan.out_shape = (batch, num_q_heads, head_v)
     group = num_q_heads // num_kv_heads
-    rows = max(16, min(_next_pow2(group), _MAX_ROWS))
+    rows = max(MIN_ROWS, min(_next_pow2(group), _MAX_ROWS))
     row_chunks = -(-group // rows)
     sm_count = _sm_count(device)
     v_widen = _v_widen(device, kv_cache_dtype) if fp8 else 0
@@ -643,7 +651,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, sm_count, per_sm)
     plan.splits = num_splits
-    fused = num_splits > 1 and FUSED_MERGE_ENABLED
+    fused = FUSED_MERGE_ENABLED and 1 < num_splits <= FUSED_MERGE_MAX_SPLITS
     plan.pdl = num_splits > 1 and not fused and _pdl_available(device)
 
     ks = cache_strides(kv_layout, kc, is_key=True)
@@ -676,7 +684,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         query.dtype == torch.float32 and not fp8,
         plan.pdl,
         fused,
-        *_merge_shape(group, rows, head_v_pad, num_splits),
+        *_merge_shape(group, rows, head_v_pad, num_splits, warps),
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
