@@ -204,6 +204,16 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
         assert rel_err(o, outs[False][0].double()) <= 2e-3
 
 
+def test_rows_per_program(monkeypatch):
+    """A GQA group of 4 is padded to 16 q rows (the MMA's M) with 16-bit caches, to 4 with FP8."""
+    for cdt, want in (("auto", 16), ("fp8", 4)):
+        _seed("rows", cdt)
+        monkeypatch.setattr(decode_mod, "_PLANS", {})
+        check(make_case("NHD", 8, 2, 64, 16, (40, 3), kv_cache_dtype=cdt), 2e-2)
+        (plan,) = decode_mod._PLANS.values()
+        assert plan.consts[11] == want
+
+
 def test_merge_shape():
     """The fused merge holds the group's real rows, pieces up to 32 floats per thread per step, a pow2 pad."""
     assert decode_mod._merge_shape(4, 16, 128, 64, 4) == (4, 8, 64)

@@ -6,7 +6,7 @@ How it works
 ------------
 `_paged_decode_kernel` runs one program per (KV split, kv head [x row chunk], sequence). A program
 loads the query rows of every q head that shares its kv head (GQA/MQA: the whole group at once, padded
-to >= 16 rows so `tl.dot` can use the tensor cores), then walks its share of the sequence BLOCK_N
+to >= MIN_ROWS rows: 16 = the MMA's M for 16-bit caches, 4 for FP8, where Triton pads the MMA), then walks its share of the sequence BLOCK_N
 tokens at a time. BLOCK_N may span several cache blocks (pages): each token's block id is gathered
 from the block table, so block_size 8 still gives 64-token tiles. Keys and values are addressed only
 through the strides from `layout.cache_strides`, so NHD, HND and paged5d (and views such as the halves
@@ -21,9 +21,13 @@ with double-buffered tiles (`decode_launch_config`).
 
 Split-KV (flash-decoding): with NUM_SPLITS > 1 each sequence is cut into NUM_SPLITS equal, BLOCK_N
 aligned pieces *computed in the kernel from seq_len*; each program writes an unnormalised partial
-(acc, running max, running sum) and `_paged_decode_reduce_kernel` merges them. Programs whose piece
-starts past seq_len exit at once, and the merge recomputes how many pieces exist, so nothing needs
-clearing. Because the split length is derived on the device, the grid depends only on
+(acc, running max, running sum) and the partials are merged. With up to FUSED_MERGE_MAX_SPLITS pieces
+the merge is done inside the main kernel: each program counts its arrival on an int32 counter of its
+(sequence, kv head) (an acq_rel atomic after a barrier), and the one that arrives last reads the
+others' partials, writes the output and puts the counter back to 0; one launch per call. With more
+pieces `_paged_decode_reduce_kernel` merges them (a second launch, since one program merging 64
+partials is slower). Empty pieces write nothing, and the merge recomputes how many pieces exist, so
+no partial needs clearing. Because the split length is derived on the device, the grid depends only on
 (batch, heads, NUM_SPLITS): see "CUDA graphs" in `paged_decode_attention`. On sm_90+ the merge kernel
 is a programmatic dependent launch (PDL): the main kernel's programs allow it to be scheduled as they
 start, and it reads seq_len while waiting, then `gdc_wait`s for the main grid before reading the
@@ -47,8 +51,13 @@ _QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP8_NAMES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _MAX_HEAD_SIZE = 256
 _MAX_ROWS = 64  # q rows one program holds; larger GQA groups are cut into row chunks
-#: q rows one program holds at least (a GQA group is padded to it): 16 is the MMA's M
+#: q rows one program holds at least (a GQA group is padded to it). 16 is the MMA's M; Triton also
+#: takes fewer rows and pads the MMA itself, which leaves the softmax and rescaling on the real rows
+#: only. FP8 programs are issue-bound and gain (H200, 32 q / 8 kv heads: b64 x 4096 161.6 -> 158.0
+#: µs, b128 x 4096 304.9 -> 297.5, b64 x 16384 588.4 -> 582.8; results/paged_decode_tune_h200_s5r2);
+#: 16-bit ones read at the memory's pace and do not (b128 x 4096 488.9 -> 510.4).
 MIN_ROWS = 16
+MIN_ROWS_FP8 = 4
 
 if triton_available():
     import triton
@@ -442,7 +451,7 @@ FUSED_MERGE_MAX_SPLITS = 16
 
 def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int, warps: int) -> tuple:
     """(MERGE_ROWS, MERGE_CHUNK, SPLITS_PAD) of the fused merge: the q rows one program holds (the
-    group's real rows, not the >= 16 padded ones), and as many pieces per step as keep the
+    group's real rows, not the padded ones), and as many pieces per step as keep the
     [rows, pieces, head] partial tile at 32 floats per thread: sm_90 SASS of the 4-warp 16-bit
     kernel keeps its 96 registers with that, and takes 139 with twice as much (fewer programs per
     SM)."""
@@ -639,7 +648,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     plan.direct = plan.rdirect = None  # raw-launch handles, taken after the first aligned call (False: none)
     plan.out_shape = (batch, num_q_heads, head_v)
     group = num_q_heads // num_kv_heads
-    rows = max(MIN_ROWS, min(_next_pow2(group), _MAX_ROWS))
+    rows = max(MIN_ROWS_FP8 if fp8 else MIN_ROWS, min(_next_pow2(group), _MAX_ROWS))
     row_chunks = -(-group // rows)
     sm_count = _sm_count(device)
     v_widen = _v_widen(device, kv_cache_dtype) if fp8 else 0
