@@ -342,13 +342,13 @@ def _tune_experiments():
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
     heuristics'. knobs: `decode` module settings for the experiment ({"MIN_ROWS": 4}, ...), put
     back after it. Each tuning round replaces this set with its question (the set here: the last
-    round, q rows padded to 16 against the group's own 4 (Triton pads the MMA itself), with FP8 and
-    bf16 at the FP8 target's points and two small ones); earlier rounds' sets are in git history and
-    their results in results/paged_decode_tune_*.json."""
+    round, FP8 launch configs again now that FP8 programs hold 4 q rows, not 16); earlier rounds'
+    sets are in git history and their results in results/paged_decode_tune_*.json."""
     exps = []
-    for b, c in [(1, 512), (1, 16384), (16, 4096), (64, 4096), (128, 4096), (64, 16384)]:
-        for cdt in ("auto", "fp8"):
-            exps += [(b, c, cdt, "NHD", None, None, {"MIN_ROWS": r}) for r in (16, 4)]
+    cfgs = [None, (32, 1, 7, 6), (64, 2, 5, 4), (64, 1, 5, 6), (64, 1, 7, 4), (32, 2, 7, 6), (32, 1, 5, 8),
+            (128, 2, 5, 2), (64, 4, 5, 3)]
+    for b, c in [(1, 16384), (16, 512), (16, 4096), (64, 4096), (128, 4096)]:
+        exps += [(b, c, "fp8", "NHD", cfg, None, {}) for cfg in cfgs]
     return exps
 
 
