@@ -342,13 +342,13 @@ def _tune_experiments():
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
     heuristics'. knobs: `decode` module settings for the experiment ({"MIN_ROWS": 4}, ...), put
     back after it. Each tuning round replaces this set with its question (the set here: the last
-    round, FP8 launch configs again now that FP8 programs hold 4 q rows, not 16); earlier rounds'
+    round, FP8 one-warp configs around the winner of the last, (32, 1, 5, 8)); earlier rounds'
     sets are in git history and their results in results/paged_decode_tune_*.json."""
     exps = []
-    cfgs = [None, (32, 1, 7, 6), (64, 2, 5, 4), (64, 1, 5, 6), (64, 1, 7, 4), (32, 2, 7, 6), (32, 1, 5, 8),
-            (128, 2, 5, 2), (64, 4, 5, 3)]
-    for b, c in [(1, 16384), (16, 512), (16, 4096), (64, 4096), (128, 4096)]:
+    cfgs = [(32, 1, 7, 6), (32, 1, 5, 8), (32, 1, 6, 8), (16, 1, 5, 14), (16, 1, 7, 12)]
+    for b, c in [(16, 4096), (16, 16384), (64, 4096), (64, 16384), (128, 4096), (128, 16384)]:
         exps += [(b, c, "fp8", "NHD", cfg, None, {}) for cfg in cfgs]
+    exps += [(64, c, "fp8", "NHD", (32, 1, 5, 8), 1, {}) for c in (4096, 16384)]
     return exps
 
 
