@@ -16,7 +16,7 @@ split of the paged5d key). Softmax is online, in base 2 (`exp2`, log2(e) folded 
 FP8 caches are loaded as float8 and widened to fp16 for the dots (e4m3/e5m2 -> fp16 is one `cvt` per
 two elements, -> bf16 three; fp16 also keeps more of p's mantissa); `k_scale` is folded into the score
 scale and `v_scale` into the output, so dequantisation costs two multiplies per program. On sm_89+
-the values are widened by `_widen_fp8_pinned` (why: see there) and FP8 programs are one or two warps
+the values are widened by `_widen_fp8_pinned` (why: see there) and FP8 programs are one warp
 with double-buffered tiles (`decode_launch_config`).
 
 Split-KV (flash-decoding): with NUM_SPLITS > 1 each sequence is cut into NUM_SPLITS equal, BLOCK_N
@@ -494,22 +494,23 @@ def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: i
     faster for 16-bit caches, nor were 1- or 2-warp programs (H100 and H200, benchmarks/README.md).
 
     FP8 with `pinned_widen` (values widened by `_widen_fp8_pinned`), measured on an H200 (`--tune`,
-    results/paged_decode_tune_h200_s4*.json): the FP8 kernel is bound by issue and latency rather than
-    by DRAM, so it wants (a) programs of one or two warps, which keep the softmax reductions and the p
-    operand inside a warp where four warps split the tokens and meet in shared memory behind barriers,
-    and (b) num_stages >= 5, where Triton double-buffers the key and value tiles (with 2-4 it keeps one
-    buffer, because the block-table gather takes a pipeline stage, and waits for every copy at the top
-    of each step: 27% of the samples of an ncu profile sat on that barrier). Below two programs per SM
-    before splitting: one warp, 32-token steps, 7 stages (three buffers; 186 registers, 37 KB, 6 per
-    SM); from two on: two warps, 64-token steps, 5 stages (146 registers, 56 KB, 4 per SM). b16 x 4096
-    65 -> 54 µs and b64 x 4096 188 -> 163 against the 4-warp (64, 4, 5). Without it
-    (Triton's conversion; measured on an H100): 128-token steps (196 registers, 2 per SM) when the
-    batch is small; with at least two programs per SM before splitting, 64-token steps pipelined 5
-    deep (145 registers, 3 per SM) are 5-10% faster."""
+    results/paged_decode_tune_h200_s4*.json, _s5r3, _s5r4): the FP8 kernel is bound by issue and
+    latency rather than by DRAM, so it wants (a) one-warp programs, which keep the softmax reductions
+    and the p operand inside the warp where four warps split the tokens and meet in shared memory
+    behind barriers, (b) num_stages >= 5, where Triton double-buffers the key and value tiles (with
+    2-4 it keeps one buffer, because the block-table gather takes a pipeline stage, and waits for
+    every copy at the top of each step: 27% of the samples of an ncu profile sat on that barrier),
+    and (c) many programs per SM. Since FP8 programs hold the group's own 4 q rows (MIN_ROWS_FP8)
+    rather than 16, one warp x 32 tokens x 5 stages takes 202 registers and 26 KB of shared memory:
+    8 programs per SM, at every batch (b16 x 16384 167.2 -> 149.2 µs, b64 x 16384 618.4 -> 526.4,
+    b128 x 4096 301.6 -> 267.4 against the 7-stage, 6-per-SM config of session 4; b16 x 4096 equal,
+    51.4). Without pinned widening (Triton's conversion; measured on an H100): 128-token steps (196
+    registers, 2 per SM) when the batch is small; with at least two programs per SM before
+    splitting, 64-token steps pipelined 5 deep (145 registers, 3 per SM) are 5-10% faster."""
     head = max(head_size_k, head_size_v)
     if cache_elem_bytes == 1 and head <= 128:
         if pinned_widen:
-            return (64, 2, 5, 4) if base_programs >= 2 * sm_count else (32, 1, 7, 6)
+            return 32, 1, 5, 8
         return (64, 4, 5, 3) if base_programs >= 2 * sm_count else (128, 4, 2, 2)
     return (64 if head <= 128 else 32), 4, 2, 4
 
