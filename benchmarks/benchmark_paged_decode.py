@@ -342,13 +342,14 @@ def _tune_experiments():
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
     heuristics'. knobs: `decode` module settings for the experiment ({"MIN_ROWS": 4}, ...), put
     back after it. Each tuning round replaces this set with its question (the set here: the last
-    round, FP8 one-warp configs around the winner of the last, (32, 1, 5, 8)); earlier rounds'
-    sets are in git history and their results in results/paged_decode_tune_*.json."""
+    round, at batch 1-4: the fused merge past 16 pieces, and fewer pieces fused against 64 with
+    the merge kernel); earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json."""
     exps = []
-    cfgs = [(32, 1, 7, 6), (32, 1, 5, 8), (32, 1, 6, 8), (16, 1, 5, 14), (16, 1, 7, 12)]
-    for b, c in [(16, 4096), (16, 16384), (64, 4096), (64, 16384), (128, 4096), (128, 16384)]:
-        exps += [(b, c, "fp8", "NHD", cfg, None, {}) for cfg in cfgs]
-    exps += [(64, c, "fp8", "NHD", (32, 1, 5, 8), 1, {}) for c in (4096, 16384)]
+    fused = {"FUSED_MERGE_MAX_SPLITS": 64}
+    for b, c in [(1, 4096), (1, 16384), (1, 32768), (4, 4096)]:
+        for cdt in ("auto", "fp8"):
+            exps += [(b, c, cdt, "NHD", None, None, {}), (b, c, cdt, "NHD", None, None, fused)]
+            exps += [(b, c, cdt, "NHD", None, n, fused) for n in (16, 32)]
     return exps
 
 
