@@ -779,8 +779,8 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
     computed on the device from seq_lens, so a captured call replays correctly with any new seq_lens
     (and block_tables contents) within the capacity; the bucket only affects speed. Capture after
     one eager call with the same shapes (compilation and the split-KV scratch buffers happen there);
-    the scratch is shared by all calls of one configuration, so calls of one configuration must
-    not run concurrently on different streams.
+    the scratch (and the fused merge's arrival counters) is shared by all calls of one configuration,
+    so calls of one configuration must not run concurrently on different streams.
 
     Example
     -------
