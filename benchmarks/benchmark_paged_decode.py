@@ -15,6 +15,7 @@ measured in the same run (`timing.read_bandwidth`). The issue-3 targets are chec
     python benchmarks/benchmark_paged_decode.py --tune          # launch-config / split sweep
     python benchmarks/benchmark_paged_decode.py --pdl-ab        # merge kernel with / without PDL
     python benchmarks/benchmark_paged_decode.py --host-stub     # Python-side cost, launches stubbed (CPU ok)
+    python benchmarks/benchmark_paged_decode.py --flush-probe   # what do_bench's L2 flush costs small points
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--pdl-ab", action="store_true",
                    help="split points with the merge kernel launched with and without PDL, alternating")
     p.add_argument("--host-stub", action="store_true", help="Python-side cost per call with the launches stubbed")
+    p.add_argument("--flush-probe", action="store_true",
+                   help="small points timed after do_bench's L2 flush with and without a clean read before")
     a = p.parse_args(argv)
     if a.quick:
         a.batch_sizes, a.contexts = [1, 16, 64], [512, 4096, 16384]
@@ -456,6 +459,82 @@ def run_pdl_ab(a, rounds=3):
 
 
 # ------------------------------------------------------------------------------------------------
+# --flush-probe: what do_bench's L2 flush leaves behind costs the small points
+# ------------------------------------------------------------------------------------------------
+
+FLUSH_POINTS = [(1, 512), (1, 4096), (1, 16384), (16, 512), (16, 4096), (64, 4096)]
+
+
+def _events_after_flush(fn, clean: bool, reps: int = 40) -> float:
+    """Median µs of one graph replay of `fn`, each rep after do_bench's kind of flush (a `zero_` of 256
+    MB, which leaves L2 full of dirty lines); with `clean`, a `sum` over another 256 MB follows the
+    flush, so the dirty lines are written back before the timed replay and L2 holds clean lines."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    other = torch.ones(128 << 20, dtype=torch.bfloat16, device="cuda")
+    g = timing.capture_graph(fn)
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for _ in range(3):
+        g.replay()
+    for start, end in ev:
+        flush.zero_()
+        if clean:
+            other.sum(dtype=torch.float32)
+        start.record()
+        g.replay()
+        end.record()
+    torch.cuda.synchronize()
+    ts = sorted(s.elapsed_time(e) * 1e3 for s, e in ev)
+    del flush, other
+    return ts[len(ts) // 2]
+
+
+def run_flush_probe(a):
+    """Graph µs of the decode (bf16, FP8) and of a `sum` over the same bytes, three ways: do_bench
+    (the benchmarks' method), events after the same flush, events after the flush plus a clean read.
+    The difference between the last two is what writing back the flush's dirty lines costs a point."""
+    rows = []
+    for batch, ctx in FLUSH_POINTS:
+        inp = make_inputs(batch, ctx, a)
+        q, k, v, bt, sl = inp["query"], inp["k"], inp["v"], inp["block_tables"], inp["seq_lens"]
+        s1 = torch.tensor([0.25], device="cuda")
+        k8, v8 = (k / s1).to(FP8), (v / s1).to(FP8)
+        fns = {"bf16": lambda: paged_decode_attention(q, k, v, bt, sl),
+               "fp8": lambda: paged_decode_attention(q, k8, v8, bt, sl, kv_cache_dtype="fp8", k_scale=s1, v_scale=s1),
+               "sum_bf16_bytes": lambda: (k.sum(dtype=torch.float32), v.sum(dtype=torch.float32))}
+        for name, fn in fns.items():
+            fn()
+            row = dict(batch=batch, ctx=ctx, what=name, do_bench=timing.time_graph(fn),
+                       after_flush=_events_after_flush(fn, False), after_flush_and_clean_read=_events_after_flush(fn, True))
+            row["dirty_writeback_us"] = row["after_flush"] - row["after_flush_and_clean_read"]
+            rows.append(row)
+            print(f"  b={batch:<3} ctx={ctx:<6} {name:<15} do_bench {row['do_bench']:7.1f}  after flush "
+                  f"{row['after_flush']:7.1f}  after flush + clean read {row['after_flush_and_clean_read']:7.1f} us",
+                  flush=True)
+        del inp, k8, v8
+        free()
+    # the cache write's 16384-token point (issue 2's 80% target), 8 kv heads x 128, random slots over
+    # 65536 blocks, and a device copy of the same bytes
+    from miniattn.ops.cache_write import reshape_and_cache_flash
+    n, h, d = 16384, a.num_kv_heads, a.head_size
+    kc = torch.empty(65536, 16, h, d, dtype=DTYPES[a.dtype], device="cuda")
+    vc = torch.empty_like(kc)
+    key, val = (torch.randn(n, h, d, dtype=kc.dtype, device="cuda") for _ in range(2))
+    slots = torch.randperm(65536 * 16, device="cuda")[:n]
+    src = torch.randn(2 * n * h * d, dtype=kc.dtype, device="cuda")
+    dst = torch.empty_like(src)
+    for name, fn in {"write_16384": lambda: reshape_and_cache_flash(key, val, kc, vc, slots),
+                     "copy_same_bytes": lambda: dst.copy_(src)}.items():
+        fn()
+        row = dict(batch=n, ctx=0, what=name, do_bench=timing.time_graph(fn), after_flush=_events_after_flush(fn, False),
+                   after_flush_and_clean_read=_events_after_flush(fn, True))
+        row["dirty_writeback_us"] = row["after_flush"] - row["after_flush_and_clean_read"]
+        rows.append(row)
+        print(f"  tokens={n} {name:<15} do_bench {row['do_bench']:7.1f}  after flush {row['after_flush']:7.1f}  "
+              f"after flush + clean read {row['after_flush_and_clean_read']:7.1f} us", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
 # --host-stub: the Python side of one call, launches replaced by no-ops (runs on a CPU machine)
 # ------------------------------------------------------------------------------------------------
 
@@ -526,6 +605,12 @@ def main(argv=None):
         rows, ceiling = run_pdl_ab(a)
         path = os.path.join(a.out_dir, f"paged_decode_pdl_{dev}{tag}.json")
         timing.write_json(path, config, rows, {"read_ceiling_gbps": ceiling})
+        print(timing.format_table(rows, list(rows[0])) + f"\njson: {path}")
+        return
+    if a.flush_probe:
+        rows = run_flush_probe(a)
+        path = os.path.join(a.out_dir, f"paged_decode_flush_probe_{dev}{tag}.json")
+        timing.write_json(path, config, rows)
         print(timing.format_table(rows, list(rows[0])) + f"\njson: {path}")
         return
     if a.tune:
