@@ -345,14 +345,14 @@ def _tune_experiments():
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
     heuristics'. knobs: `decode` module settings for the experiment ({"MIN_ROWS": 4}, ...), put
     back after it. Each tuning round replaces this set with its question (the set here: the last
-    round, at batch 1-4: the fused merge past 16 pieces, and fewer pieces fused against 64 with
-    the merge kernel); earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json."""
+    round, 16-bit caches with 4-row programs in the configs that FP8 gained from, and more programs
+    per SM); earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json."""
     exps = []
-    fused = {"FUSED_MERGE_MAX_SPLITS": 64}
-    for b, c in [(1, 4096), (1, 16384), (1, 32768), (4, 4096)]:
-        for cdt in ("auto", "fp8"):
-            exps += [(b, c, cdt, "NHD", None, None, {}), (b, c, cdt, "NHD", None, None, fused)]
-            exps += [(b, c, cdt, "NHD", None, n, fused) for n in (16, 32)]
+    rows4 = {"MIN_ROWS": 4}
+    cfgs = [(64, 4, 2, 6), (64, 4, 3, 6), (32, 1, 5, 6), (32, 2, 5, 6), (64, 2, 5, 3), (16, 1, 5, 12), (16, 1, 7, 8)]
+    for b, c in [(1, 16384), (16, 512), (16, 4096), (64, 4096), (128, 4096)]:
+        exps += [(b, c, "auto", "NHD", None, None, {})]
+        exps += [(b, c, "auto", "NHD", cfg, None, rows4) for cfg in cfgs]
     return exps
 
 
