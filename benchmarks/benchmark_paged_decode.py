@@ -504,7 +504,8 @@ def run_flush_probe(a):
         for name, fn in fns.items():
             fn()
             row = dict(batch=batch, ctx=ctx, what=name, do_bench=timing.time_graph(fn),
-                       after_flush=_events_after_flush(fn, False), after_flush_and_clean_read=_events_after_flush(fn, True))
+                       after_flush=_events_after_flush(fn, False),
+                       after_flush_and_clean_read=_events_after_flush(fn, True))
             row["dirty_writeback_us"] = row["after_flush"] - row["after_flush_and_clean_read"]
             rows.append(row)
             print(f"  b={batch:<3} ctx={ctx:<6} {name:<15} do_bench {row['do_bench']:7.1f}  after flush "
@@ -525,8 +526,8 @@ def run_flush_probe(a):
     for name, fn in {"write_16384": lambda: reshape_and_cache_flash(key, val, kc, vc, slots),
                      "copy_same_bytes": lambda: dst.copy_(src)}.items():
         fn()
-        row = dict(batch=n, ctx=0, what=name, do_bench=timing.time_graph(fn), after_flush=_events_after_flush(fn, False),
-                   after_flush_and_clean_read=_events_after_flush(fn, True))
+        row = dict(batch=n, ctx=0, what=name, do_bench=timing.time_graph(fn),
+                   after_flush=_events_after_flush(fn, False), after_flush_and_clean_read=_events_after_flush(fn, True))
         row["dirty_writeback_us"] = row["after_flush"] - row["after_flush_and_clean_read"]
         rows.append(row)
         print(f"  tokens={n} {name:<15} do_bench {row['do_bench']:7.1f}  after flush {row['after_flush']:7.1f}  "

@@ -6,9 +6,10 @@ How it works
 ------------
 `_paged_decode_kernel` runs one program per (KV split, kv head [x row chunk], sequence). A program
 loads the query rows of every q head that shares its kv head (GQA/MQA: the whole group at once, padded
-to >= MIN_ROWS rows: 16 = the MMA's M for 16-bit caches, 4 for FP8, where Triton pads the MMA), then walks its share of the sequence BLOCK_N
-tokens at a time. BLOCK_N may span several cache blocks (pages): each token's block id is gathered
-from the block table, so block_size 8 still gives 64-token tiles. Keys and values are addressed only
+to >= MIN_ROWS rows: 16 = the MMA's M for 16-bit caches, 4 for FP8, where Triton pads the MMA), then
+walks its share of the sequence BLOCK_N tokens at a time. BLOCK_N may span several cache blocks
+(pages): each token's block id is gathered from the block table, so block_size 8 still gives 64-token
+tiles. Keys and values are addressed only
 through the strides from `layout.cache_strides`, so NHD, HND and paged5d (and views such as the halves
 of a combined NHD cache) are one kernel with different strides and one constexpr (`KEY_X`, the head
 split of the paged5d key). Softmax is online, in base 2 (`exp2`, log2(e) folded into the scale).
