@@ -198,6 +198,8 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
         if fused:
             assert plan.arrivals.shape == (4, kvh * -(-(qh // kvh) // 64))
             assert (plan.arrivals == 0).all(), "arrival counters not reset"
+        poisoned = torch.full_like(outs[fused][0], float("nan"))  # every output element must be written
+        outs[fused].append(paged_decode_attention(**case, num_splits=8, out=poisoned))
     for o in outs[True] + outs[False]:
         assert rel_err(o, ref) <= (2e-2 if kv_cache_dtype != "auto" else 1e-2)
         assert (o[2] == 0).all()
@@ -452,7 +454,12 @@ def test_write_then_read_round_trip(layout, kv_cache_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_with_new_lengths():
+@pytest.mark.parametrize("fused", [True, False])
+def test_cuda_graph_replay_with_new_lengths(monkeypatch, fused):
+    """A captured split call replays right with new lengths and tables, the split merge fused (its
+    arrival counters reset by every replay) or in the merge kernel; the output is poisoned each time."""
+    monkeypatch.setattr(decode_mod, "FUSED_MERGE_ENABLED", fused)
+    monkeypatch.setattr(decode_mod, "_PLANS", {})
     _seed("graph")
     case = make_case("NHD", 32, 8, 128, 16, (1000, 200, 0, 64), extra_blocks=40)
     out = torch.empty(4, 32, 128, dtype=torch.bfloat16, device=DEVICE)
@@ -465,6 +472,8 @@ def test_cuda_graph_replay_with_new_lengths():
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         run()
+    (plan,) = decode_mod._PLANS.values()
+    assert plan.splits > 1 and plan.merges == (not fused)
     for lens in ((1000, 200, 0, 64), (3, 999, 17, 0), (0, 0, 0, 0), (512, 1, 1000, 777)):
         case["seq_lens"].copy_(torch.tensor(lens, dtype=torch.int32))
         case["block_tables"].copy_(case["block_tables"][torch.randperm(4, device=DEVICE)])
