@@ -345,14 +345,11 @@ def _tune_experiments():
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
     heuristics'. knobs: `decode` module settings for the experiment ({"MIN_ROWS": 4}, ...), put
     back after it. Each tuning round replaces this set with its question (the set here: the last
-    round, 16-bit caches with 4-row programs in the configs that FP8 gained from, and more programs
-    per SM); earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json."""
+    round, the points that use the merge kernel, with it merging through `_merge_pieces` like the
+    fused merge: ~1 µs slower at 64 pieces, reverted); earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json."""
     exps = []
-    rows4 = {"MIN_ROWS": 4}
-    cfgs = [(64, 4, 2, 6), (64, 4, 3, 6), (32, 1, 5, 6), (32, 2, 5, 6), (64, 2, 5, 3), (16, 1, 5, 12), (16, 1, 7, 8)]
-    for b, c in [(1, 16384), (16, 512), (16, 4096), (64, 4096), (128, 4096)]:
-        exps += [(b, c, "auto", "NHD", None, None, {})]
-        exps += [(b, c, "auto", "NHD", cfg, None, rows4) for cfg in cfgs]
+    for b, c in [(1, 4096), (1, 16384), (1, 32768), (4, 4096)]:
+        exps += [(b, c, cdt, "NHD", None, None, {}) for cdt in ("auto", "fp8")]
     return exps
 
 
@@ -488,6 +485,18 @@ def _events_after_flush(fn, clean: bool, reps: int = 40) -> float:
     return ts[len(ts) // 2]
 
 
+def _probe_row(rows, label, name, fn):
+    """Time `fn` the three ways of `run_flush_probe`, append the row to `rows`, print it."""
+    fn()
+    row = dict(label, what=name, do_bench=timing.time_graph(fn), after_flush=_events_after_flush(fn, False),
+               after_flush_and_clean_read=_events_after_flush(fn, True))
+    row["dirty_writeback_us"] = row["after_flush"] - row["after_flush_and_clean_read"]
+    rows.append(row)
+    where = " ".join(f"{k}={v}" for k, v in label.items())
+    print(f"  {where:<18} {name:<15} do_bench {row['do_bench']:7.1f}  after flush {row['after_flush']:7.1f}  "
+          f"after flush + clean read {row['after_flush_and_clean_read']:7.1f} us", flush=True)
+
+
 def run_flush_probe(a):
     """Graph µs of the decode (bf16, FP8) and of a `sum` over the same bytes, three ways: do_bench
     (the benchmarks' method), events after the same flush, events after the flush plus a clean read.
@@ -502,15 +511,7 @@ def run_flush_probe(a):
                "fp8": lambda: paged_decode_attention(q, k8, v8, bt, sl, kv_cache_dtype="fp8", k_scale=s1, v_scale=s1),
                "sum_bf16_bytes": lambda: (k.sum(dtype=torch.float32), v.sum(dtype=torch.float32))}
         for name, fn in fns.items():
-            fn()
-            row = dict(batch=batch, ctx=ctx, what=name, do_bench=timing.time_graph(fn),
-                       after_flush=_events_after_flush(fn, False),
-                       after_flush_and_clean_read=_events_after_flush(fn, True))
-            row["dirty_writeback_us"] = row["after_flush"] - row["after_flush_and_clean_read"]
-            rows.append(row)
-            print(f"  b={batch:<3} ctx={ctx:<6} {name:<15} do_bench {row['do_bench']:7.1f}  after flush "
-                  f"{row['after_flush']:7.1f}  after flush + clean read {row['after_flush_and_clean_read']:7.1f} us",
-                  flush=True)
+            _probe_row(rows, dict(batch=batch, ctx=ctx), name, fn)
         del inp, k8, v8
         free()
     # the cache write's 16384-token point (issue 2's 80% target), 8 kv heads x 128, random slots over
@@ -525,13 +526,7 @@ def run_flush_probe(a):
     dst = torch.empty_like(src)
     for name, fn in {"write_16384": lambda: reshape_and_cache_flash(key, val, kc, vc, slots),
                      "copy_same_bytes": lambda: dst.copy_(src)}.items():
-        fn()
-        row = dict(batch=n, ctx=0, what=name, do_bench=timing.time_graph(fn),
-                   after_flush=_events_after_flush(fn, False), after_flush_and_clean_read=_events_after_flush(fn, True))
-        row["dirty_writeback_us"] = row["after_flush"] - row["after_flush_and_clean_read"]
-        rows.append(row)
-        print(f"  tokens={n} {name:<15} do_bench {row['do_bench']:7.1f}  after flush {row['after_flush']:7.1f}  "
-              f"after flush + clean read {row['after_flush_and_clean_read']:7.1f} us", flush=True)
+        _probe_row(rows, dict(batch=n, ctx=0), name, fn)
     return rows
 
 
