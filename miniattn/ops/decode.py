@@ -105,8 +105,7 @@ if triton_available():
                       NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
                       MERGE_CHUNK: tl.constexpr, FP8: tl.constexpr, V_SCALE_PER_HEAD: tl.constexpr):
         """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the pieces s of the rows
-        row0 .. row0 + MERGE_ROWS of kv head `kvh` (flash-decoding's merge), MERGE_CHUNK pieces per step:
-        the fused merge in the main kernel, and the merge kernel's (one row, all pieces at once).
+        row0 .. row0 + MERGE_ROWS of kv head `kvh` (flash-decoding's merge, inside the main kernel).
         Partials were written by other programs: read through L2 (`.cg`), never a stale L1 line."""
         rows = row0 + tl.arange(0, MERGE_ROWS)
         row_ok = rows < GROUP
@@ -366,12 +365,30 @@ if triton_available():
         b = tl.program_id(1)
         seq_len = tl.load(seq_lens_ptr + b)  # written before the main kernel started: safe to read now
         split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        num_pieces = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # pieces the main kernel wrote
         if PDL:  # the partials: only after the main kernel has finished and its writes are visible
             gdc_wait()
-        # one q head: all its pieces in one step
-        _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, qh // GROUP, qh % GROUP,
-                      seq_len, split_len, num_q_heads, o_stride_b, o_stride_h, o_stride_d, HEAD_V, HEAD_V_PAD,
-                      GROUP, NUM_SPLITS, SPLITS_PAD, 1, SPLITS_PAD, FP8, V_SCALE_PER_HEAD)
+
+        # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the pieces s (flash-decoding)
+        sp = tl.arange(0, SPLITS_PAD)
+        sp_ok = sp < num_pieces
+        dv = tl.arange(0, HEAD_V_PAD)
+        part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + sp  # [SPLITS_PAD]
+        m = tl.load(part_max_ptr + part_row, mask=sp_ok, other=float("-inf"))
+        l = tl.load(part_sum_ptr + part_row, mask=sp_ok, other=0.0)
+        acc = tl.load(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + dv[None, :], mask=sp_ok[:, None], other=0.0)
+        m_all = tl.maximum(tl.max(m, 0), -1e30)  # finite even with no valid piece: no inf - inf
+        w = tl.where(sp_ok, tl.exp2(m - m_all), 0.0)
+        o = tl.sum(acc * w[:, None], 0)  # [HEAD_V_PAD]
+        denom = tl.sum(w * l, 0)
+        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)  # seq_len 0: o is 0 -> zeros
+        if FP8:
+            if V_SCALE_PER_HEAD:
+                inv = inv * tl.load(v_scale_ptr + qh // GROUP)
+            else:
+                inv = inv * tl.load(v_scale_ptr)
+        tl.store(out_ptr + b.to(tl.int64) * o_stride_b + qh * o_stride_h + dv * o_stride_d,
+                 (o * inv).to(out_ptr.dtype.element_ty), mask=dv < HEAD_V)
 
     _DECODE = Launcher(_paged_decode_kernel)
     _REDUCE = Launcher(_paged_decode_reduce_kernel)
