@@ -62,7 +62,8 @@ def parser(description: str, layouts: tuple[str, ...], default_num_heads: int, d
     p.add_argument("--layouts", default=",".join(layouts), help="comma list of " + ", ".join(layouts))
     p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="comma list of num_tokens")
     p.add_argument("--configs", default="",
-                   help="tuning: comma list of HEADSxWARPS launch configs to time as extra 'triton[HxW]' rows")
+                   help="tuning: comma list of HEADSxWARPS launch configs to time as extra 'triton[HxW]' rows; "
+                        "HxW:POLICY also sets the source loads' L2 eviction policy (e.g. 8x1:evict_first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<name>.json)")
     p.add_argument("--plot", action="store_true", help="also draw latency and bandwidth vs tokens (PNG)")
@@ -297,13 +298,19 @@ def measure_ceilings(nbytes: int = 1 << 30) -> dict:
     return out
 
 
+def _parse_config(text: str) -> tuple:
+    """'HxW' or 'HxW:POLICY' -> ((heads_per_program, warps), eviction policy or "")."""
+    cfg, _, evict = text.strip().partition(":")
+    return tuple(int(v) for v in cfg.split("x")), evict
+
+
 def run(args, flash: bool, name: str) -> dict:
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
     tokens = sorted({int(t) for t in args.tokens.split(",") if t.strip()})
     impls = resolve_implementations(args.implementation, flash)
     modes = MODES[args.mode]
     primary = modes[0]
-    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",") if c.strip()]
+    configs = [_parse_config(c) for c in args.configs.split(",") if c.strip()]
 
     ceilings = {"ceiling": float("nan")} if args.no_ceiling else measure_ceilings()
     ceiling = ceilings["ceiling"]
@@ -322,15 +329,15 @@ def run(args, flash: bool, name: str) -> dict:
                 skipped[impl] = why
             else:
                 runners.append((impl, fn, None))
-        for cfg in configs:
-            runners.append((f"triton[{cfg[0]}x{cfg[1]}]", _ours(lay), cfg))
+        for cfg, evict in configs:
+            runners.append((f"triton[{cfg[0]}x{cfg[1]}{':' + evict if evict else ''}]", _ours(lay), (cfg, evict)))
         for n in tokens:
             inputs = case.inputs(n)
             nbytes = case.bytes_moved(n)
             if n not in copy_at and not args.no_ceiling:
                 copy_at[n] = _same_size_copy_us(nbytes)
             for impl, fn, cfg in runners:
-                cache_write._CONFIG_OVERRIDE = cfg
+                cache_write._CONFIG_OVERRIDE, cache_write.SOURCE_EVICTION = cfg or (None, "")
                 cache_write._PLANS.clear()
                 try:
                     us = _time(lambda: fn(inputs), modes, args.iters)
@@ -338,7 +345,7 @@ def run(args, flash: bool, name: str) -> dict:
                     skipped[f"{impl}@{lay}:{n}"] = f"{type(e).__name__}: {str(e)[:200]}"
                     continue
                 finally:
-                    cache_write._CONFIG_OVERRIDE = None
+                    cache_write._CONFIG_OVERRIDE, cache_write.SOURCE_EVICTION = None, ""
                     cache_write._PLANS.clear()
                 bw = timing.gbps(nbytes, us[primary])
                 peer = PEER_BEST_GRAPH_US.get((lay, args.num_heads, "fp8" if case.fp8 else "auto"), {}).get(n)

@@ -344,12 +344,14 @@ def _tune_experiments():
 
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
     heuristics'. knobs: `decode` module settings for the experiment ({"MIN_ROWS": 4}, ...), put
-    back after it. Each tuning round replaces this set with its question (the set here: the last
-    round, the points that use the merge kernel, with it merging through `_merge_pieces` like the
-    fused merge: ~1 µs slower at 64 pieces, reverted); earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json."""
+    back after it. Each tuning round replaces this set with its question (the set here: key and
+    value loads with L2 evict-first against the default policy; do_bench's flush leaves L2 full of
+    dirty lines, which evict-first loads need not write back); earlier rounds' sets are in git
+    history and their results in results/paged_decode_tune_*.json."""
     exps = []
-    for b, c in [(1, 4096), (1, 16384), (1, 32768), (4, 4096)]:
-        exps += [(b, c, cdt, "NHD", None, None, {}) for cdt in ("auto", "fp8")]
+    for b, c in [(1, 512), (1, 4096), (1, 16384), (16, 512), (16, 4096), (16, 16384), (64, 4096), (128, 4096)]:
+        for cdt in ("auto", "fp8"):
+            exps += [(b, c, cdt, "NHD", None, None, kn) for kn in ({}, {"KV_EVICTION": "evict_first"})]
     return exps
 
 
