@@ -344,14 +344,15 @@ def _tune_experiments():
 
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
     heuristics'. knobs: `decode` module settings for the experiment ({"MIN_ROWS": 4}, ...), put
-    back after it. Each tuning round replaces this set with its question (the set here: key and
-    value loads with L2 evict-first against the default policy; do_bench's flush leaves L2 full of
-    dirty lines, which evict-first loads need not write back); earlier rounds' sets are in git
-    history and their results in results/paged_decode_tune_*.json."""
+    back after it; "_table": "sequential" (a harness option, not a module setting) reads the blocks
+    in allocation order instead of through the random table. Each tuning round replaces this set
+    with its question (the set here: how much of the time random pages cost, against reading the
+    same blocks in order); earlier rounds' sets are in git history and their results in
+    results/paged_decode_tune_*.json (s6r1: evict-first key/value loads, no change)."""
     exps = []
-    for b, c in [(1, 512), (1, 4096), (1, 16384), (16, 512), (16, 4096), (16, 16384), (64, 4096), (128, 4096)]:
+    for b, c in [(1, 16384), (16, 4096), (64, 4096)]:
         for cdt in ("auto", "fp8"):
-            exps += [(b, c, cdt, "NHD", None, None, kn) for kn in ({}, {"KV_EVICTION": "evict_first"})]
+            exps += [(b, c, cdt, "NHD", None, None, kn) for kn in ({}, {"_table": "sequential"})]
     return exps
 
 
@@ -379,14 +380,18 @@ def run_tune(a):
             extra = {} if cdt == "auto" else dict(kv_cache_dtype="fp8", k_scale=s1, v_scale=s1)
             elem = k.element_size()
             decode_mod.decode_launch_config = (lambda *x, cfg=cfg: cfg) if cfg else real_cfg
-            saved = {name: getattr(decode_mod, name) for name in knobs}
-            for name, val in knobs.items():
+            settings = {name: val for name, val in knobs.items() if not name.startswith("_")}
+            saved = {name: getattr(decode_mod, name) for name in settings}
+            for name, val in settings.items():
                 setattr(decode_mod, name, val)
+            bt_used = bt
+            if knobs.get("_table") == "sequential":
+                bt_used = torch.arange(bt.numel(), dtype=torch.int32, device=bt.device).reshape(bt.shape)
             decode_mod._PLANS.clear()
-            fn = lambda: paged_decode_attention(q, k, v, bt, sl, kv_layout=lay, num_splits=ns, **extra)  # noqa: E731
+            fn = lambda: paged_decode_attention(q, k, v, bt_used, sl, kv_layout=lay, num_splits=ns, **extra)  # noqa: E731
             try:
                 o = fn().float()
-                err = float((o - ref.setdefault(cdt, o)).abs().max())
+                err = float((o - ref.setdefault((cdt, bt_used is bt), o)).abs().max())
                 us = timing.time_graph(fn)
                 host = timing.time_host_loop(fn) if batch * ctx <= 65536 else None
             except Exception as e:
