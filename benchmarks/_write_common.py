@@ -64,6 +64,9 @@ def parser(description: str, layouts: tuple[str, ...], default_num_heads: int, d
     p.add_argument("--configs", default="",
                    help="tuning: comma list of HEADSxWARPS launch configs to time as extra 'triton[HxW]' rows; "
                         "HxW:POLICY also sets the source loads' L2 eviction policy (e.g. 8x1:evict_first)")
+    p.add_argument("--slots", choices=("random", "sequential"), default="random",
+                   help="slot mapping: random over all slots (the default, as vLLM's script), or slots 0..n-1 "
+                        "(a probe: what random destinations cost)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<name>.json)")
     p.add_argument("--plot", action="store_true", help="also draw latency and bandwidth vs tokens (PNG)")
@@ -98,7 +101,10 @@ class Case:
     def inputs(self, n: int) -> dict:
         if n > self.num_slots:
             raise SystemExit(f"num_tokens {n} > num_slots {self.num_slots}: raise --num-blocks")
-        slots = torch.randperm(self.num_slots, generator=self._gen, device=self.device)[:n].contiguous()
+        if self.args.slots == "sequential":
+            slots = torch.arange(n, device=self.device)
+        else:
+            slots = torch.randperm(self.num_slots, generator=self._gen, device=self.device)[:n].contiguous()
         return dict(key=self.key[:n], value=self.value[:n], key_cache=self.key_cache, value_cache=self.value_cache,
                     slot_mapping=slots, kv_cache_dtype=self.args.kv_cache_dtype, k_scale=self.k_scale,
                     v_scale=self.v_scale)
