@@ -62,8 +62,7 @@ def parser(description: str, layouts: tuple[str, ...], default_num_heads: int, d
     p.add_argument("--layouts", default=",".join(layouts), help="comma list of " + ", ".join(layouts))
     p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="comma list of num_tokens")
     p.add_argument("--configs", default="",
-                   help="tuning: comma list of HEADSxWARPS launch configs to time as extra 'triton[HxW]' rows; "
-                        "HxW:POLICY also sets the source loads' L2 eviction policy (e.g. 8x1:evict_first)")
+                   help="tuning: comma list of HEADSxWARPS launch configs to time as extra 'triton[HxW]' rows")
     p.add_argument("--slots", choices=("random", "sequential"), default="random",
                    help="slot mapping: random over all slots (the default, as vLLM's script), or slots 0..n-1 "
                         "(a probe: what random destinations cost)")
@@ -304,19 +303,13 @@ def measure_ceilings(nbytes: int = 1 << 30) -> dict:
     return out
 
 
-def _parse_config(text: str) -> tuple:
-    """'HxW' or 'HxW:POLICY' -> ((heads_per_program, warps), eviction policy or "")."""
-    cfg, _, evict = text.strip().partition(":")
-    return tuple(int(v) for v in cfg.split("x")), evict
-
-
 def run(args, flash: bool, name: str) -> dict:
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
     tokens = sorted({int(t) for t in args.tokens.split(",") if t.strip()})
     impls = resolve_implementations(args.implementation, flash)
     modes = MODES[args.mode]
     primary = modes[0]
-    configs = [_parse_config(c) for c in args.configs.split(",") if c.strip()]
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",") if c.strip()]
 
     ceilings = {"ceiling": float("nan")} if args.no_ceiling else measure_ceilings()
     ceiling = ceilings["ceiling"]
@@ -335,15 +328,15 @@ def run(args, flash: bool, name: str) -> dict:
                 skipped[impl] = why
             else:
                 runners.append((impl, fn, None))
-        for cfg, evict in configs:
-            runners.append((f"triton[{cfg[0]}x{cfg[1]}{':' + evict if evict else ''}]", _ours(lay), (cfg, evict)))
+        for cfg in configs:
+            runners.append((f"triton[{cfg[0]}x{cfg[1]}]", _ours(lay), cfg))
         for n in tokens:
             inputs = case.inputs(n)
             nbytes = case.bytes_moved(n)
             if n not in copy_at and not args.no_ceiling:
                 copy_at[n] = _same_size_copy_us(nbytes)
             for impl, fn, cfg in runners:
-                cache_write._CONFIG_OVERRIDE, cache_write.SOURCE_EVICTION = cfg or (None, "")
+                cache_write._CONFIG_OVERRIDE = cfg
                 cache_write._PLANS.clear()
                 try:
                     us = _time(lambda: fn(inputs), modes, args.iters)
@@ -351,7 +344,7 @@ def run(args, flash: bool, name: str) -> dict:
                     skipped[f"{impl}@{lay}:{n}"] = f"{type(e).__name__}: {str(e)[:200]}"
                     continue
                 finally:
-                    cache_write._CONFIG_OVERRIDE, cache_write.SOURCE_EVICTION = None, ""
+                    cache_write._CONFIG_OVERRIDE = None
                     cache_write._PLANS.clear()
                 bw = timing.gbps(nbytes, us[primary])
                 peer = PEER_BEST_GRAPH_US.get((lay, args.num_heads, "fp8" if case.fp8 else "auto"), {}).get(n)

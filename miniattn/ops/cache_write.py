@@ -136,7 +136,6 @@ def _reshape_and_cache_kernel(
     K_SCALE_PER_HEAD: tl.constexpr,  # FP8: k_scale is [num_kv_heads] (else one element)
     V_SCALE_PER_HEAD: tl.constexpr,  # FP8: v_scale is [num_kv_heads] (else one element)
     ROUND_ON_GRID: tl.constexpr,  # interpreter only, see _round_to_fp8_grid
-    SRC_EVICT: tl.constexpr,  # L2 eviction policy of the key / value loads ("" or "evict_first")
 ):
     pid = tl.program_id(0)
     tok = pid // NUM_HEAD_BLOCKS
@@ -151,10 +150,8 @@ def _reshape_and_cache_kernel(
     # (key/value have num_tokens rows) and making the loads wait for the slot would cost a latency.
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     tok = tok.to(tl.int64)
-    k = tl.load(key_ptr + tok * key_stride_tok + heads[:, None] * key_stride_head + dk[None, :], mask=k_mask,
-                eviction_policy=SRC_EVICT)
-    v = tl.load(value_ptr + tok * value_stride_tok + heads[:, None] * value_stride_head + dv[None, :], mask=v_mask,
-                eviction_policy=SRC_EVICT)
+    k = tl.load(key_ptr + tok * key_stride_tok + heads[:, None] * key_stride_head + dk[None, :], mask=k_mask)
+    v = tl.load(value_ptr + tok * value_stride_tok + heads[:, None] * value_stride_head + dv[None, :], mask=v_mask)
     if FP8_FORMAT != 0:
         if K_SCALE_PER_HEAD:
             k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)[:, None]
@@ -209,8 +206,6 @@ _LAUNCH = Launcher(_reshape_and_cache_kernel) if triton_available() else None
 _PLANS: dict = {}
 #: (heads_per_program, num_warps) forced by benchmarks/tuning; None = the heuristic below.
 _CONFIG_OVERRIDE: tuple | None = None
-#: L2 eviction policy of the key / value loads (read once; the cache stores keep the default)
-SOURCE_EVICTION = ""
 
 
 def _next_pow2(n: int) -> int:
@@ -387,7 +382,7 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     k_per_head = bool(fp8) and num_kv_heads > 1 and k_scale.numel() == num_kv_heads
     v_per_head = bool(fp8) and num_kv_heads > 1 and v_scale.numel() == num_kv_heads
     plan.consts = (block_size, head_size_k, head_size_v, block_dk, block_dv, hpp, num_head_blocks, key_x, fp8,
-                   k_per_head, v_per_head, interpreting(), SOURCE_EVICTION if device.type == "cuda" else "")
+                   k_per_head, v_per_head, interpreting())
     plan.tail = plan.ints + plan.consts
     return plan
 

@@ -59,8 +59,6 @@ _MAX_ROWS = 64  # q rows one program holds; larger GQA groups are cut into row c
 #: 16-bit ones read at the memory's pace and do not (b128 x 4096 488.9 -> 510.4).
 MIN_ROWS = 16
 MIN_ROWS_FP8 = 4
-#: L2 eviction policy of the key and value loads (each cache byte is read once per call)
-KV_EVICTION = ""
 
 if triton_available():
     import triton
@@ -190,7 +188,6 @@ if triton_available():
         MERGE_ROWS: tl.constexpr,  # FUSED_MERGE: q rows merged (pow2 >= the group's rows in this program)
         MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
         SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
-        KV_EVICT: tl.constexpr,  # L2 eviction policy of the key / value loads ("" or "evict_first")
         V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
@@ -276,8 +273,7 @@ if triton_available():
                 v_tok = tl.multiple_of(v_tok, V_ALIGN)
 
             k = tl.load(k_head_ptr + k_tok[:, None] + k_dim_off[None, :],
-                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0,
-                        eviction_policy=KV_EVICT)  # [BLOCK_N, HEAD_K_PAD]
+                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_K_PAD]
             if FP8:  # keys: Triton's conversion is already cheap (no transpose: d is their reduction dim)
                 k = k.to(q.dtype)
             if DOT_F32:
@@ -294,8 +290,7 @@ if triton_available():
             l_i = l_i * alpha + tl.sum(p, 1)
 
             v = tl.load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :],
-                        mask=run_ok[:, None] & dv_ok[None, :], other=0.0,
-                        eviction_policy=KV_EVICT)  # [BLOCK_N, HEAD_V_PAD]
+                        mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
             if FP8:
                 if V_WIDEN:
                     v = _widen_fp8_pinned(v, V_WIDEN == 2)
@@ -701,7 +696,6 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         plan.pdl,
         fused,
         *_merge_shape(group, rows, head_v_pad, num_splits, warps),
-        KV_EVICTION if device.type == "cuda" else "",
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
