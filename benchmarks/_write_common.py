@@ -257,18 +257,22 @@ def _time(fn, modes, iters):
 
 
 def _same_size_copy_us(nbytes: int) -> float:
-    """Graph-replayed µs of a device copy moving `nbytes` in total (half read, half written)."""
+    """Graph-replayed µs of the fastest device copy moving `nbytes` in total (half read, half written):
+    torch's memcpy (which a graph may hand to a copy engine, ~2.7 TB/s on an H200) or the Triton copy."""
     if not timing.has_cuda():
         return float("nan")
-    src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device="cuda")
+    n = max(1, nbytes // 8)  # int32 elements each way
+    src = torch.empty(n, dtype=torch.int32, device="cuda")
     dst = torch.empty_like(src)
-    us = timing.time_graph(lambda: dst.copy_(src))
+    us = min(timing.time_graph(lambda: dst.copy_(src)), timing.time_graph(lambda: _triton_copy(dst, src)))
     del src, dst
     return us
 
 
 def _triton_copy(dst, src):
-    """A plain Triton copy kernel (16-byte vectors, 16 KiB per program): an SM-driven copy."""
+    """A plain Triton copy kernel: 4 KiB per program, one 16-byte vector per lane (8 warps). On an H200
+    this reaches memcpy (4216-4240 against 4228 GB/s, 1 GiB each way); 16 KiB programs, the session-3
+    version, reach 4035 (benchmarks/copy_probe.py, results/copy_probe_h200.json)."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
@@ -280,7 +284,7 @@ def _triton_copy(dst, src):
             tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
         _COPY_KERNEL = _copy_kernel
     n = src.numel()
-    _COPY_KERNEL[(triton.cdiv(n, 4096),)](src, dst, n, BLOCK=4096, num_warps=8)
+    _COPY_KERNEL[(triton.cdiv(n, 1024),)](src, dst, n, BLOCK=1024, num_warps=8)
 
 
 _COPY_KERNEL = None

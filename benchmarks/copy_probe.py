@@ -1,6 +1,7 @@
-"""What an SM-driven Triton copy reaches on this GPU, against memcpy: the ceiling the write kernel
-can hope for. Block copies (one tile per program) over tile sizes and warps, and grid-stride
-("persistent") copies with a few programs per SM; 1 GiB each way, graph-replayed, do_bench medians.
+"""What SM-driven Triton copies and reads reach on this GPU, against memcpy and torch's `sum`: the
+ceilings the write and decode kernels can hope for. Block copies (one tile per program) over tile
+sizes and warps, grid-stride ("persistent") copies with a few programs per SM, and block reads (each
+program sums its tile); 1 GiB each way, graph-replayed, do_bench medians.
 
     python benchmarks/copy_probe.py [--mib 1024] [--out results/copy_probe_<gpu>.json]
 """
@@ -24,6 +25,12 @@ import triton.language as tl  # noqa: E402
 def _block_copy(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+@triton.jit
+def _block_read(src_ptr, out_ptr, BLOCK: tl.constexpr):  # n a multiple of BLOCK
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(tl.load(src_ptr + offs), 0))
 
 
 @triton.jit
@@ -73,7 +80,23 @@ def main():
             record(f"grid-stride {per_sm}/SM, {block * 4 // 1024} KiB x {warps} warps",
                    lambda b=block, w=warps, k=per_sm: _stride_copy[(k * sms,)](src, dst, n, BLOCK=b, num_warps=w))
     best = max(rows, key=lambda r: r["gbps"])
-    print(f"best: {best['name']} {best['gbps']:.0f} GB/s; memcpy {rows[0]['gbps']:.0f}")
+    print(f"best copy: {best['name']} {best['gbps']:.0f} GB/s; memcpy {rows[0]['gbps']:.0f}")
+
+    print(f"\n| read ({a.mib} MiB) | µs (twice) | GB/s |\n|---|---|---|")
+    reads = [dict(name="torch sum (bf16 -> fp32)", gbps=timing.read_bandwidth(nbytes))]
+    print(f"| {reads[0]['name']} | | {reads[0]['gbps']:.0f} |")
+    part = torch.empty(n // 256, dtype=torch.int32, device="cuda")
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8):
+            if block // (warps * 32) < 4:
+                continue
+            fn = lambda b=block, w=warps: _block_read[(n // b,)](src, part, BLOCK=b, num_warps=w)  # noqa: E731
+            us = [timing.time_graph(fn) for _ in range(2)]
+            reads.append(dict(name=f"read {block * 4 // 1024} KiB x {warps} warps", us=us, gbps=nbytes / min(us) / 1e3))
+            print(f"| {reads[-1]['name']} | {us[0]:.1f} / {us[1]:.1f} | {reads[-1]['gbps']:.0f} |", flush=True)
+    best_r = max(reads, key=lambda r: r["gbps"])
+    print(f"best read: {best_r['name']} {best_r['gbps']:.0f} GB/s; torch sum {reads[0]['gbps']:.0f}")
+    rows += [dict(r, kind="read") for r in reads]
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                 f"copy_probe_{timing.device_tag()}.json")
     timing.write_json(out, dict(mib=a.mib, sm_count=sms), rows)
