@@ -264,30 +264,9 @@ def _same_size_copy_us(nbytes: int) -> float:
     n = max(1, nbytes // 8)  # int32 elements each way
     src = torch.empty(n, dtype=torch.int32, device="cuda")
     dst = torch.empty_like(src)
-    us = min(timing.time_graph(lambda: dst.copy_(src)), timing.time_graph(lambda: _triton_copy(dst, src)))
+    us = min(timing.time_graph(lambda: dst.copy_(src)), timing.time_graph(lambda: timing.triton_copy(dst, src)))
     del src, dst
     return us
-
-
-def _triton_copy(dst, src):
-    """A plain Triton copy kernel: 4 KiB per program, one 16-byte vector per lane (8 warps). On an H200
-    this reaches memcpy (4216-4240 against 4228 GB/s, 1 GiB each way); 16 KiB programs, the session-3
-    version, reach 4035 (benchmarks/copy_probe.py, results/copy_probe_h200.json)."""
-    import triton  # noqa: PLC0415
-    import triton.language as tl  # noqa: PLC0415
-
-    global _COPY_KERNEL
-    if _COPY_KERNEL is None:
-        @triton.jit
-        def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):  # [n] int32 each
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
-        _COPY_KERNEL = _copy_kernel
-    n = src.numel()
-    _COPY_KERNEL[(triton.cdiv(n, 1024),)](src, dst, n, BLOCK=1024, num_warps=8)
-
-
-_COPY_KERNEL = None
 
 
 def measure_ceilings(nbytes: int = 1 << 30) -> dict:
@@ -299,7 +278,7 @@ def measure_ceilings(nbytes: int = 1 << 30) -> dict:
     out = {"memcpy_graph": timing.copy_bandwidth(nbytes, "graph"), "memcpy_eager": timing.copy_bandwidth(nbytes, "eager")}
     src = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda").random_()
     dst = torch.empty_like(src)
-    out["triton_copy_graph"] = 2 * nbytes / timing.time_graph(lambda: _triton_copy(dst, src)) / 1e3
+    out["triton_copy_graph"] = 2 * nbytes / timing.time_graph(lambda: timing.triton_copy(dst, src)) / 1e3
     assert torch.equal(src, dst)
     del src, dst
     torch.cuda.empty_cache()

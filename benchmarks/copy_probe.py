@@ -22,18 +22,6 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
-def _block_copy(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
-
-
-@triton.jit
-def _block_read(src_ptr, out_ptr, BLOCK: tl.constexpr):  # n a multiple of BLOCK
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + tl.program_id(0), tl.sum(tl.load(src_ptr + offs), 0))
-
-
-@triton.jit
 def _stride_copy(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     step = tl.num_programs(0).to(tl.int64) * BLOCK
     for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
@@ -74,7 +62,7 @@ def main():
             if block // (warps * 32) < 4:  # fewer than one 16-byte vector per lane
                 continue
             record(f"block {block * 4 // 1024} KiB x {warps} warps",
-                   lambda b=block, w=warps: _block_copy[(triton.cdiv(n, b),)](src, dst, n, BLOCK=b, num_warps=w))
+                   lambda b=block, w=warps: timing.triton_copy(dst, src, b, w))
     for per_sm in (2, 4, 8, 16):
         for block, warps in ((4096, 8), (2048, 4)):
             record(f"grid-stride {per_sm}/SM, {block * 4 // 1024} KiB x {warps} warps",
@@ -90,7 +78,7 @@ def main():
         for warps in (4, 8):
             if block // (warps * 32) < 4:
                 continue
-            fn = lambda b=block, w=warps: _block_read[(n // b,)](src, part, BLOCK=b, num_warps=w)  # noqa: E731
+            fn = lambda b=block, w=warps: timing.triton_read(src, part, b, w)  # noqa: E731
             us = [timing.time_graph(fn) for _ in range(2)]
             reads.append(dict(name=f"read {block * 4 // 1024} KiB x {warps} warps", us=us, gbps=nbytes / min(us) / 1e3))
             print(f"| {reads[-1]['name']} | {us[0]:.1f} / {us[1]:.1f} | {reads[-1]['gbps']:.0f} |", flush=True)
