@@ -344,15 +344,17 @@ def _tune_experiments():
 
     Launch configs are (BLOCK_N, warps, stages, programs per SM for the split heuristic); None: the
     heuristics'. knobs: `decode` module settings for the experiment ({"MIN_ROWS": 4}, ...), put
-    back after it; "_table": "sequential" (a harness option, not a module setting) reads the blocks
-    in allocation order instead of through the random table. Each tuning round replaces this set
-    with its question (the set here: how much of the time random pages cost, against reading the
-    same blocks in order); earlier rounds' sets are in git history and their results in
-    results/paged_decode_tune_*.json (s6r1: evict-first key/value loads, no change)."""
+    back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
+    allocation order instead of through the random table; "_skip_merge": True launches the main
+    kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
+    Each tuning round replaces this set with its question (the set here: how much of the b1 points'
+    time the merge kernel takes); earlier rounds' sets are in git history and their results in
+    results/paged_decode_tune_*.json (s6r1: evict-first key/value loads, no change; s6r2: random
+    against sequential tables)."""
     exps = []
-    for b, c in [(1, 16384), (16, 4096), (64, 4096)]:
+    for b, c in [(1, 4096), (1, 16384), (1, 32768)]:
         for cdt in ("auto", "fp8"):
-            exps += [(b, c, cdt, "NHD", None, None, kn) for kn in ({}, {"_table": "sequential"})]
+            exps += [(b, c, cdt, "NHD", None, None, kn) for kn in ({}, {"_skip_merge": True})]
     return exps
 
 
@@ -391,6 +393,10 @@ def run_tune(a):
             fn = lambda: paged_decode_attention(q, k, v, bt_used, sl, kv_layout=lay, num_splits=ns, **extra)  # noqa: E731
             try:
                 o = fn().float()
+                if knobs.get("_skip_merge"):
+                    for p in decode_mod._PLANS.values():
+                        p.merges = False
+                    fn()
                 err = float((o - ref.setdefault((cdt, bt_used is bt), o)).abs().max())
                 us = timing.time_graph(fn)
                 host = timing.time_host_loop(fn) if batch * ctx <= 65536 else None
