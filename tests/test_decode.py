@@ -207,35 +207,6 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
         assert rel_err(o, outs[False][0].double()) <= 2e-3
 
 
-@pytest.mark.parametrize("qh,kvh,kv_cache_dtype", [(4, 1, "auto"), (1, 1, "fp8")])
-def test_two_level_fused_merge(monkeypatch, qh, kvh, kv_cache_dtype):
-    """Above FUSED_MERGE_MAX_SPLITS pieces the fused merge has two levels: groups of
-    FUSED_TREE_FANOUT pieces, then the groups. 32 pieces in groups of 8, rows with 10 pieces (a
-    full group, one of 2, two empty), 1 piece, none (padding) and 3: == the merge kernel == the
-    reference; every output element written; all counters back at zero."""
-    _seed("tree", qh, kvh, kv_cache_dtype)
-    case = make_case("NHD", qh, kvh, 64, 16, (600, 1, 0, 129), kv_cache_dtype=kv_cache_dtype,
-                     per_head_scale=True)
-    ref = paged_decode_attention_ref(**case)
-    outs = {}
-    for fanout in (8, 0):
-        monkeypatch.setattr(decode_mod, "FUSED_TREE_FANOUT", fanout)
-        monkeypatch.setattr(decode_mod, "_PLANS", {})
-        outs[fanout] = [paged_decode_attention(**case, num_splits=32) for _ in range(3 if DEVICE == "cuda" else 1)]
-        (plan,) = decode_mod._PLANS.values()
-        assert plan.merges == (not fanout) and plan.splits == 32
-        if fanout:
-            assert plan.arrivals.shape == (4, kvh, 1 + 32 // fanout) and plan.part_max.shape == (4, qh, 32 + 4)
-            assert (plan.arrivals == 0).all(), "arrival counters not reset"
-        poisoned = torch.full_like(outs[fanout][0], float("nan"))
-        outs[fanout].append(paged_decode_attention(**case, num_splits=32, out=poisoned))
-    for o in outs[8] + outs[0]:
-        assert rel_err(o, ref) <= (2e-2 if kv_cache_dtype != "auto" else 1e-2)
-        assert (o[2] == 0).all()
-    for o in outs[8]:  # the same partials, summed in another order
-        assert rel_err(o, outs[0][0].double()) <= 2e-3
-
-
 def test_rows_per_program(monkeypatch):
     """A GQA group of 4 is padded to 16 q rows (the MMA's M) with 16-bit caches, to 4 with FP8."""
     for cdt, want in (("auto", 16), ("fp8", 4)):
@@ -253,8 +224,6 @@ def test_merge_shape():
     assert decode_mod._merge_shape(1, 16, 64, 3, 4) == (1, 4, 4)
     assert decode_mod._merge_shape(72, 64, 256, 8, 4) == (64, 1, 8)
     assert decode_mod._merge_shape(8, 16, 128, 2, 2) == (8, 2, 2)
-    assert decode_mod._merge_shape(4, 16, 128, 8, 4, fanout=8) == (4, 8, 8)  # 64 pieces in 8 groups
-    assert decode_mod._merge_shape(4, 16, 64, 4, 4, fanout=8) == (4, 4, 4)  # chunk <= both levels' pads
 
 
 def test_split_heuristic():

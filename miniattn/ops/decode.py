@@ -99,74 +99,46 @@ if triton_available():
                 "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
 
     @triton.jit
-    def _merge_partials(part_acc_ptr, part_max_ptr, part_sum_ptr, qrow, row_ok, first, count,
-                        HEAD_V_PAD: tl.constexpr, PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                        MERGE_CHUNK: tl.constexpr):
-        """Pieces first .. first + count - 1 of the rows whose piece 0 is at `qrow`, merged as
-        flash-decoding does: (o, m, l) with m = max_s m_s, o = sum_s 2^(m_s - m) acc_s and
-        l = sum_s 2^(m_s - m) l_s. The partials were written by other programs: read through L2
-        (`.cg`), never a stale L1 line."""
-        sp = tl.arange(0, PAD)
-        ok = row_ok[:, None] & (sp < count)[None, :]
-        m = tl.load(part_max_ptr + qrow[:, None] + first + sp[None, :], mask=ok, other=float("-inf"),
-                    cache_modifier=".cg")
-        l_s = tl.load(part_sum_ptr + qrow[:, None] + first + sp[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+    def _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, kvh, row0, seq_len,
+                      split_len, num_q_heads, o_stride_b, o_stride_h, o_stride_d,
+                      HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, GROUP: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
+                      MERGE_CHUNK: tl.constexpr, FP8: tl.constexpr, V_SCALE_PER_HEAD: tl.constexpr):
+        """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the pieces s of the rows
+        row0 .. row0 + MERGE_ROWS of kv head `kvh` (flash-decoding's merge, inside the main kernel).
+        Partials were written by other programs: read through L2 (`.cg`), never a stale L1 line."""
+        rows = row0 + tl.arange(0, MERGE_ROWS)
+        row_ok = rows < GROUP
+        qrow = (b.to(tl.int64) * num_q_heads + kvh * GROUP + rows) * NUM_SPLITS  # [MERGE_ROWS]
+        num_pieces = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # pieces that wrote partials
+        sp = tl.arange(0, SPLITS_PAD)
+        ok = row_ok[:, None] & (sp < num_pieces)[None, :]
+        m = tl.load(part_max_ptr + qrow[:, None] + sp[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_sum_ptr + qrow[:, None] + sp[None, :], mask=ok, other=0.0, cache_modifier=".cg")
         m_all = tl.maximum(tl.max(m, 1), -1e30)  # [MERGE_ROWS]; finite with no piece: no inf - inf
-        l = tl.sum(tl.where(ok, tl.exp2(m - m_all[:, None]), 0.0) * l_s, 1)
+        denom = tl.sum(tl.where(ok, tl.exp2(m - m_all[:, None]), 0.0) * l_s, 1)
+        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)  # seq_len 0: the sum is 0 -> zeros
+        if FP8:
+            if V_SCALE_PER_HEAD:
+                inv = inv * tl.load(v_scale_ptr + kvh)
+            else:
+                inv = inv * tl.load(v_scale_ptr)
+
         dv = tl.arange(0, HEAD_V_PAD)
         ch = tl.arange(0, MERGE_CHUNK)
         o = tl.zeros([MERGE_ROWS, HEAD_V_PAD], dtype=tl.float32)
-        for s0 in range(0, count, MERGE_CHUNK):
-            s = first + s0 + ch
-            ok_s = row_ok[:, None] & ((s0 + ch) < count)[None, :]  # [MERGE_ROWS, MERGE_CHUNK]
+        for s0 in range(0, num_pieces, MERGE_CHUNK):
+            s = s0 + ch
+            ok_s = row_ok[:, None] & (s < num_pieces)[None, :]  # [MERGE_ROWS, MERGE_CHUNK]
             m_s = tl.load(part_max_ptr + qrow[:, None] + s[None, :], mask=ok_s, other=float("-inf"),
                           cache_modifier=".cg")
             w = tl.where(ok_s, tl.exp2(m_s - m_all[:, None]), 0.0)
             a = tl.load(part_acc_ptr + (qrow[:, None, None] + s[None, :, None]) * HEAD_V_PAD + dv[None, None, :],
                         mask=ok_s[:, :, None], other=0.0, cache_modifier=".cg")  # [ROWS, CHUNK, HEAD_V_PAD]
             o += tl.sum(a * w[:, :, None], 1)
-        return o, m_all, l
-
-    @triton.jit
-    def _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, kvh, row0, first, count,
-                      num_q_heads, o_stride_b, o_stride_h, o_stride_d,
-                      HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, GROUP: tl.constexpr,
-                      PIECE_STRIDE: tl.constexpr, PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                      MERGE_CHUNK: tl.constexpr, FP8: tl.constexpr, V_SCALE_PER_HEAD: tl.constexpr):
-        """out = o / l of pieces first .. first + count - 1 (`_merge_partials`) for the rows row0 ..
-        row0 + MERGE_ROWS of kv head `kvh`: the fused merge's last step, inside the main kernel."""
-        rows = row0 + tl.arange(0, MERGE_ROWS)
-        row_ok = rows < GROUP
-        qrow = (b.to(tl.int64) * num_q_heads + kvh * GROUP + rows) * PIECE_STRIDE  # [MERGE_ROWS]
-        o, _, l = _merge_partials(part_acc_ptr, part_max_ptr, part_sum_ptr, qrow, row_ok, first, count,
-                                  HEAD_V_PAD, PAD, MERGE_ROWS, MERGE_CHUNK)
-        inv = 1.0 / tl.where(l > 0.0, l, 1.0)  # seq_len 0: the sum is 0 -> zeros
-        if FP8:
-            if V_SCALE_PER_HEAD:
-                inv = inv * tl.load(v_scale_ptr + kvh)
-            else:
-                inv = inv * tl.load(v_scale_ptr)
         qh = kvh * GROUP + rows
-        dv = tl.arange(0, HEAD_V_PAD)
         tl.store(out_ptr + b.to(tl.int64) * o_stride_b + qh[:, None] * o_stride_h + dv[None, :] * o_stride_d,
                  (o * inv[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv < HEAD_V)[None, :])
-
-    @triton.jit
-    def _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, b, kvh, row0, first, count, dst, num_q_heads,
-                     HEAD_V_PAD: tl.constexpr, GROUP: tl.constexpr, PIECE_STRIDE: tl.constexpr,
-                     PAD: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr):
-        """The fused merge's first level (TREE_FANOUT): pieces first .. first + count - 1 merged into
-        one partial, stored as piece `dst` of the same rows (nothing when count is 0)."""
-        rows = row0 + tl.arange(0, MERGE_ROWS)
-        row_ok = rows < GROUP
-        qrow = (b.to(tl.int64) * num_q_heads + kvh * GROUP + rows) * PIECE_STRIDE  # [MERGE_ROWS]
-        o, m, l = _merge_partials(part_acc_ptr, part_max_ptr, part_sum_ptr, qrow, row_ok, first, count,
-                                  HEAD_V_PAD, PAD, MERGE_ROWS, MERGE_CHUNK)
-        wrote = rows < tl.where(count > 0, GROUP, 0)
-        dv = tl.arange(0, HEAD_V_PAD)
-        tl.store(part_acc_ptr + (qrow[:, None] + dst) * HEAD_V_PAD + dv[None, :], o, mask=wrote[:, None])
-        tl.store(part_max_ptr + qrow + dst, m, mask=wrote)
-        tl.store(part_sum_ptr + qrow + dst, l, mask=wrote)
 
     @triton.jit
     def _paged_decode_kernel(
@@ -179,10 +151,10 @@ if triton_available():
         k_scale_ptr,  # [1] or [num_kv_heads] float32 (read only when FP8)
         v_scale_ptr,  # [1] or [num_kv_heads] float32 (read only when FP8 and NUM_SPLITS == 1)
         out_ptr,  # [batch, num_q_heads, HEAD_V] query dtype (written when NUM_SPLITS == 1)
-        part_acc_ptr,  # [batch, num_q_heads, PIECE_STRIDE, HEAD_V_PAD] float32 (NUM_SPLITS > 1)
-        part_max_ptr,  # [batch, num_q_heads, PIECE_STRIDE] float32, running max (log2 units)
-        part_sum_ptr,  # [batch, num_q_heads, PIECE_STRIDE] float32, running sum of exp2
-        arrivals_ptr,  # [batch, grid axis 1, 1 + groups] int32, zero between calls (FUSED_MERGE: arrivals)
+        part_acc_ptr,  # [batch, num_q_heads, NUM_SPLITS, HEAD_V_PAD] float32 (NUM_SPLITS > 1)
+        part_max_ptr,  # [batch, num_q_heads, NUM_SPLITS] float32, running max (log2 units)
+        part_sum_ptr,  # [batch, num_q_heads, NUM_SPLITS] float32, running sum of exp2
+        arrivals_ptr,  # [batch, grid axis 1] int32, zero between calls (FUSED_MERGE: pieces done so far)
         # ---- ints -----------------------------------------------------------------------------
         q_stride_b, q_stride_h, q_stride_d,  # query
         o_stride_b, o_stride_h, o_stride_d,  # out
@@ -215,9 +187,7 @@ if triton_available():
         FUSED_MERGE: tl.constexpr,  # NUM_SPLITS > 1: the last program of a (sequence, kv head) merges
         MERGE_ROWS: tl.constexpr,  # FUSED_MERGE: q rows merged (pow2 >= the group's rows in this program)
         MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
-        SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2 of the pieces the last step merges
-        TREE_FANOUT: tl.constexpr,  # FUSED_MERGE: 0 one level; else pieces per group of a first level
-        PIECE_STRIDE: tl.constexpr,  # partials per q row: NUM_SPLITS (+ NUM_SPLITS // TREE_FANOUT groups)
+        SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
         V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
@@ -347,7 +317,7 @@ if triton_available():
             tl.store(out_rows_ptr, (acc * inv[:, None]).to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & dv_ok[None, :])
         else:
-            part_row = (b.to(tl.int64) * num_q_heads + qh) * PIECE_STRIDE + split  # [ROWS]
+            part_row = (b.to(tl.int64) * num_q_heads + qh) * NUM_SPLITS + split  # [ROWS]
             # FUSED_MERGE: an empty piece writes nothing but arrives (a row limit, not `mask & scalar`,
             # which the interpreter turns into int32 and rejects)
             wrote = rows < tl.where(start < end, GROUP, 0)
@@ -359,38 +329,14 @@ if triton_available():
                 # acq_rel atomic (one thread) releases them at GPU scope; the program that arrives
                 # last acquires everyone's and merges. It also puts the counter back to 0 for the
                 # next call (nobody else touches it after the last arrival), so graphs replay.
-                # With TREE_FANOUT the last of each group of pieces merges the group into a partial
-                # of its own, and the last of those merges the groups: two short merges in series
-                # instead of one long one.
                 tl.debug_barrier()
-                num_pieces = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # pieces that wrote partials
-                if TREE_FANOUT == 0:
-                    arrivals = arrivals_ptr + b.to(tl.int64) * tl.num_programs(1) + pid_h
-                    if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                        tl.store(arrivals, 0)
-                        _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr,
-                                      b, kvh, chunk * ROWS, 0, num_pieces, num_q_heads,
-                                      o_stride_b, o_stride_h, o_stride_d, HEAD_V, HEAD_V_PAD, GROUP,
-                                      PIECE_STRIDE, SPLITS_PAD, MERGE_ROWS, MERGE_CHUNK, FP8, V_SCALE_PER_HEAD)
-                else:
-                    groups = NUM_SPLITS // TREE_FANOUT
-                    counters = arrivals_ptr + (b.to(tl.int64) * tl.num_programs(1) + pid_h) * (1 + groups)
-                    grp = split // TREE_FANOUT
-                    if tl.atomic_add(counters + 1 + grp, 1, sem="acq_rel", scope="gpu") == TREE_FANOUT - 1:
-                        tl.store(counters + 1 + grp, 0)
-                        first = grp * TREE_FANOUT
-                        _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, b, kvh, chunk * ROWS, first,
-                                     tl.minimum(tl.maximum(num_pieces - first, 0), TREE_FANOUT),
-                                     NUM_SPLITS + grp, num_q_heads, HEAD_V_PAD, GROUP, PIECE_STRIDE,
-                                     TREE_FANOUT, MERGE_ROWS, MERGE_CHUNK)
-                        tl.debug_barrier()
-                        if tl.atomic_add(counters, 1, sem="acq_rel", scope="gpu") == groups - 1:
-                            tl.store(counters, 0)
-                            _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr,
-                                          b, kvh, chunk * ROWS, NUM_SPLITS, tl.cdiv(num_pieces, TREE_FANOUT),
-                                          num_q_heads, o_stride_b, o_stride_h, o_stride_d, HEAD_V, HEAD_V_PAD,
-                                          GROUP, PIECE_STRIDE, SPLITS_PAD, MERGE_ROWS, MERGE_CHUNK, FP8,
-                                          V_SCALE_PER_HEAD)
+                arrivals = arrivals_ptr + b.to(tl.int64) * tl.num_programs(1) + pid_h
+                if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                    tl.store(arrivals, 0)
+                    _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr,
+                                  b, kvh, chunk * ROWS, seq_len, split_len, num_q_heads,
+                                  o_stride_b, o_stride_h, o_stride_d, HEAD_V, HEAD_V_PAD, GROUP,
+                                  NUM_SPLITS, SPLITS_PAD, MERGE_ROWS, MERGE_CHUNK, FP8, V_SCALE_PER_HEAD)
 
     @triton.jit
     def _paged_decode_reduce_kernel(
@@ -502,22 +448,18 @@ def _capability(device: torch.device) -> tuple:
 #: compare (clear `_PLANS` after).
 FUSED_MERGE_ENABLED = True
 FUSED_MERGE_MAX_SPLITS = 16
-#: above FUSED_MERGE_MAX_SPLITS pieces, a two-level fused merge: groups of FUSED_TREE_FANOUT pieces
-#: merged by their last arrival, then the groups by the last group (0: the merge kernel instead)
-FUSED_TREE_FANOUT = 8
 
 
-def _merge_shape(group: int, rows: int, head_v_pad: int, num_pieces: int, warps: int, fanout: int = 0) -> tuple:
+def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int, warps: int) -> tuple:
     """(MERGE_ROWS, MERGE_CHUNK, SPLITS_PAD) of the fused merge: the q rows one program holds (the
     group's real rows, not the padded ones), and as many pieces per step as keep the
     [rows, pieces, head] partial tile at 32 floats per thread: sm_90 SASS of the 4-warp 16-bit
     kernel keeps its 96 registers with that, and takes 139 with twice as much (fewer programs per
-    SM). `num_pieces`: what the last step merges (the splits, or the groups of a two-level merge,
-    whose first level merges `fanout` pieces with the same chunk)."""
+    SM)."""
     merge_rows = min(rows, _next_pow2(group))
-    splits_pad = max(2, _next_pow2(num_pieces))
+    splits_pad = max(2, _next_pow2(num_splits))
     chunk = max(1, (32 * 32 * warps) // (merge_rows * head_v_pad))
-    return merge_rows, min(_next_pow2(chunk + 1) // 2, splits_pad, fanout or splits_pad), splits_pad
+    return merge_rows, min(_next_pow2(chunk + 1) // 2, splits_pad), splits_pad
 
 
 #: FP8 value widening by `_widen_fp8_pinned` where the GPU has the cvt (sm_89+); the benchmarks
@@ -721,11 +663,6 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, sm_count, per_sm)
     plan.splits = num_splits
     fused = FUSED_MERGE_ENABLED and 1 < num_splits <= FUSED_MERGE_MAX_SPLITS
-    fanout = FUSED_TREE_FANOUT
-    tree = (FUSED_MERGE_ENABLED and fanout > 1 and num_splits > FUSED_MERGE_MAX_SPLITS
-            and num_splits % fanout == 0 and num_splits // fanout <= FUSED_MERGE_MAX_SPLITS)
-    groups = num_splits // fanout if tree else 0
-    fused = fused or tree
     plan.pdl = num_splits > 1 and not fused and _pdl_available(device)
 
     ks = cache_strides(kv_layout, kc, is_key=True)
@@ -758,8 +695,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         query.dtype == torch.float32 and not fp8,
         plan.pdl,
         fused,
-        *_merge_shape(group, rows, head_v_pad, groups or num_splits, warps, fanout if tree else 0),
-        fanout if tree else 0, num_splits + groups,
+        *_merge_shape(group, rows, head_v_pad, num_splits, warps),
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
@@ -771,13 +707,11 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     plan.arrivals = plan.dummy
     plan.merges = num_splits > 1 and not fused  # a second launch: the merge kernel
     if num_splits > 1:
-        pieces = num_splits + groups  # a two-level merge keeps its groups' partials after the splits'
-        plan.part_acc = torch.empty(batch, num_q_heads, pieces, head_v_pad, dtype=torch.float32, device=device)
-        plan.part_max = torch.empty(batch, num_q_heads, pieces, dtype=torch.float32, device=device)
-        plan.part_sum = torch.empty(batch, num_q_heads, pieces, dtype=torch.float32, device=device)
+        plan.part_acc = torch.empty(batch, num_q_heads, num_splits, head_v_pad, dtype=torch.float32, device=device)
+        plan.part_max = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
+        plan.part_sum = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
         if fused:  # zero now; each call's last arrivals put their counters back to zero
-            counters = (num_kv_heads * row_chunks,) + ((1 + groups,) if tree else ())
-            plan.arrivals = torch.zeros(batch, *counters, dtype=torch.int32, device=device)
+            plan.arrivals = torch.zeros(batch, num_kv_heads * row_chunks, dtype=torch.int32, device=device)
         plan.rgrid = (num_q_heads, batch)
         plan.rints = (*out_strides, num_q_heads)
         plan.rconsts = (block_n, head_v, head_v_pad, group, num_splits, max(2, _next_pow2(num_splits)), fp8,
