@@ -347,15 +347,15 @@ def _tune_experiments():
     back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
     allocation order instead of through the random table; "_skip_merge": True launches the main
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
-    Each tuning round replaces this set with its question (the set here: how much of the b1
-    points' time the merge kernel takes, s6r3: 2.1-2.7 µs); earlier rounds' sets are in git history
-    and their results in results/paged_decode_tune_*.json (s6r1: evict-first key/value loads, no
-    change; s6r2: random against sequential tables; s6r4: a two-level fused merge above 16 pieces,
-    slower than the merge kernel by 1-3.6 µs, reverted)."""
+    Each tuning round replaces this set with its question (the set here: the first step's block
+    ids gathered before seq_len, SPEC_TABLE_ENABLED, against after it); earlier rounds' sets are in
+    git history and their results in results/paged_decode_tune_*.json (s6r1: evict-first key/value
+    loads, no change; s6r2: random against sequential tables; s6r3: the merge kernel's share at b1,
+    2.1-2.7 µs; s6r4: a two-level fused merge above 16 pieces, slower by 1-3.6 µs, reverted)."""
     exps = []
-    for b, c in [(1, 4096), (1, 16384), (1, 32768)]:
+    for b, c in [(1, 512), (1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 4096), (64, 4096), (128, 4096)]:
         for cdt in ("auto", "fp8"):
-            exps += [(b, c, cdt, "NHD", None, None, kn) for kn in ({}, {"_skip_merge": True})]
+            exps += [(b, c, cdt, "NHD", None, None, {"SPEC_TABLE_ENABLED": f}) for f in (False, True)]
     return exps
 
 

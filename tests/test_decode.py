@@ -207,6 +207,27 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
         assert rel_err(o, outs[False][0].double()) <= 2e-3
 
 
+@pytest.mark.parametrize("layout", ["NHD", "paged5d"])
+def test_guessed_first_gather(monkeypatch, layout):
+    """The first step's block ids are gathered before seq_len is known, at the start a split would
+    have if the row filled the table; rows of other lengths start elsewhere (a wrong guess, the
+    ids gathered again). Right and wrong guesses, one split and eight: the same bits as without
+    the guess, and the reference's result."""
+    _seed("guess", layout)
+    case = make_case(layout, 4, 1, 64, 16, (2000, 100, 0, 700))
+    ref = paged_decode_attention_ref(**case)
+    for n in (1, 8):
+        outs = []
+        for spec in (True, False):
+            monkeypatch.setattr(decode_mod, "SPEC_TABLE_ENABLED", spec)
+            monkeypatch.setattr(decode_mod, "_PLANS", {})
+            outs.append(paged_decode_attention(**case, num_splits=n))
+            (plan,) = decode_mod._PLANS.values()
+            assert plan.splits == n
+        assert torch.equal(outs[0], outs[1])
+        assert rel_err(outs[0], ref) <= 1e-2
+
+
 def test_rows_per_program(monkeypatch):
     """A GQA group of 4 is padded to 16 q rows (the MMA's M) with 16-bit caches, to 4 with FP8."""
     for cdt, want in (("auto", 16), ("fp8", 4)):

@@ -162,6 +162,8 @@ if triton_available():
         k_stride_block, k_stride_slot, k_stride_head, k_stride_dhi, k_stride_dlo,  # key cache
         v_stride_block, v_stride_slot, v_stride_head, v_stride_d,  # value cache
         num_q_heads,
+        bt_tokens,  # block table capacity in tokens (max_blocks * BLOCK_SIZE)
+        guess_split_len,  # SPEC_TABLE: split length for a sequence as long as the plan's length bucket
         qk_scale,  # float: softmax scale * log2(e)
         # ---- constexprs -----------------------------------------------------------------------
         BLOCK_SIZE: tl.constexpr,  # tokens per cache block (page)
@@ -188,6 +190,7 @@ if triton_available():
         MERGE_ROWS: tl.constexpr,  # FUSED_MERGE: q rows merged (pow2 >= the group's rows in this program)
         MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
         SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
+        SPEC_TABLE: tl.constexpr,  # gather the first step's block ids before seq_len is known (a guess)
         V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
@@ -207,7 +210,18 @@ if triton_available():
         dv_ok = dv < HEAD_V
         out_rows_ptr = out_ptr + b.to(tl.int64) * o_stride_b + qh[:, None] * o_stride_h + dv[None, :] * o_stride_d
 
+        bt_row_ptr = block_tables_ptr + b.to(tl.int64) * bt_stride_b
+        offs_n = tl.arange(0, BLOCK_N)
         seq_len = tl.load(seq_lens_ptr + b)
+        if SPEC_TABLE:
+            # The first step's block ids would wait for seq_len (it fixes where this split starts),
+            # and the first key/value loads for them: two memory latencies in a row. So gather them
+            # now, at the start this split has when the sequence fills the plan's length bucket;
+            # the loop uses them when the guess was right (always with one split).
+            guess = split * guess_split_len
+            guess_t = guess + offs_n
+            guess_blk = tl.load(bt_row_ptr + (guess_t // BLOCK_SIZE) * bt_stride_p, mask=guess_t < bt_tokens,
+                                other=0)
         if NUM_SPLITS == 1:
             start = 0
             end = seq_len
@@ -244,12 +258,10 @@ if triton_available():
         v_dim_off = dv * v_stride_d
         k_head_ptr = k_cache_ptr + kvh.to(tl.int64) * k_stride_head
         v_head_ptr = v_cache_ptr + kvh.to(tl.int64) * v_stride_head
-        bt_row_ptr = block_tables_ptr + b.to(tl.int64) * bt_stride_b
 
         m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([ROWS], dtype=tl.float32)
         acc = tl.zeros([ROWS, HEAD_V_PAD], dtype=tl.float32)
-        offs_n = tl.arange(0, BLOCK_N)
 
         for t0 in range(start, end, BLOCK_N):
             t = t0 + offs_n
@@ -261,7 +273,17 @@ if triton_available():
                 run_ok = (t0 + (offs_n // V_RUN) * V_RUN) < end
             else:
                 run_ok = t_ok
-            blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=run_ok, other=0).to(tl.int64)
+            if SPEC_TABLE:  # the guessed step: its ids are there already, this gather loads nothing
+                hit = t0 == guess
+                lim = tl.where(hit, 0, end)  # a limit, not `mask & scalar` (the interpreter rejects that)
+                if V_RUN > 1:
+                    gather_ok = (t0 + (offs_n // V_RUN) * V_RUN) < lim
+                else:
+                    gather_ok = t < lim
+                blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=gather_ok, other=0)
+                blk = tl.where(hit, guess_blk, blk).to(tl.int64)
+            else:
+                blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=run_ok, other=0).to(tl.int64)
             slot = t % BLOCK_SIZE
             k_tok = blk * k_stride_block + slot * k_stride_slot
             v_tok = blk * v_stride_block + slot * v_stride_slot
@@ -405,6 +427,10 @@ _CPU_SM_COUNT = 4  # under the interpreter: few programs, fast tests
 _SM_COUNT: dict = {}
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -448,6 +474,8 @@ def _capability(device: torch.device) -> tuple:
 #: compare (clear `_PLANS` after).
 FUSED_MERGE_ENABLED = True
 FUSED_MERGE_MAX_SPLITS = 16
+#: gather the first step's block ids before seq_len arrives (`SPEC_TABLE` in the kernel)
+SPEC_TABLE_ENABLED = True
 
 
 def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int, warps: int) -> tuple:
@@ -685,6 +713,8 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         ks.block, ks.slot, ks.head, ks.dim_hi, ks.dim_lo,
         vs.block, vs.slot, vs.head, vs.dim_lo,
         num_q_heads,
+        capacity,
+        _cdiv(_cdiv(bucket, num_splits), block_n) * block_n if num_splits > 1 else 0,  # the kernel's split_len
         sm_scale * _LOG2E,
     )
     plan.consts = (
@@ -696,6 +726,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         plan.pdl,
         fused,
         *_merge_shape(group, rows, head_v_pad, num_splits, warps),
+        SPEC_TABLE_ENABLED,
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
