@@ -9,10 +9,11 @@ loads the query rows of every q head that shares its kv head (GQA/MQA: the whole
 to >= MIN_ROWS rows: 16 = the MMA's M for 16-bit caches, 4 for FP8, where Triton pads the MMA), then
 walks its share of the sequence BLOCK_N tokens at a time. BLOCK_N may span several cache blocks
 (pages): each token's block id is gathered from the block table, so block_size 8 still gives 64-token
-tiles. Keys and values are addressed only
-through the strides from `layout.cache_strides`, so NHD, HND and paged5d (and views such as the halves
-of a combined NHD cache) are one kernel with different strides and one constexpr (`KEY_X`, the head
-split of the paged5d key). Softmax is online, in base 2 (`exp2`, log2(e) folded into the scale).
+tiles. With 16-bit caches the first tile's ids are gathered before seq_len arrives, at the start the
+split would have if the row filled its length bucket (`SPEC_TABLE`); a wrong guess gathers them again.
+Keys and values are addressed only through the strides from `layout.cache_strides`, so NHD, HND and
+paged5d (and views such as the halves of a combined NHD cache) are one kernel with different strides
+and one constexpr (`KEY_X`, the head split of the paged5d key). Softmax is online, in base 2 (`exp2`, log2(e) folded into the scale).
 
 FP8 caches are loaded as float8 and widened to fp16 for the dots (e4m3/e5m2 -> fp16 is one `cvt` per
 two elements, -> bf16 three; fp16 also keeps more of p's mantissa); `k_scale` is folded into the score
@@ -474,7 +475,11 @@ def _capability(device: torch.device) -> tuple:
 #: compare (clear `_PLANS` after).
 FUSED_MERGE_ENABLED = True
 FUSED_MERGE_MAX_SPLITS = 16
-#: gather the first step's block ids before seq_len arrives (`SPEC_TABLE` in the kernel)
+#: 16-bit caches: gather the first step's block ids before seq_len arrives (`SPEC_TABLE` in the
+#: kernel), one memory latency less before the first key/value loads. H200, graph µs (tune s6r5):
+#: b1 x 512 10.3 -> 10.0, b16 x 512 21.2 -> 20.4, b1 x 16384 32.6 -> 31.7, b1 x 32768 50.7 -> 50.0,
+#: b16 x 4096 equal, b64 / b128 x 4096 within 0.3%. The one-warp FP8 programs lose with it (b1 x
+#: 16384 22.3 -> 23.8, b128 x 4096 283.7 -> 289.4: the ids stay live through the 5-stage loop).
 SPEC_TABLE_ENABLED = True
 
 
@@ -726,7 +731,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         plan.pdl,
         fused,
         *_merge_shape(group, rows, head_v_pad, num_splits, warps),
-        SPEC_TABLE_ENABLED,
+        SPEC_TABLE_ENABLED and not fp8,
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
