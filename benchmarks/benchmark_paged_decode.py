@@ -368,7 +368,8 @@ def run_tune(a):
     exps = sorted(_tune_experiments(), key=lambda e: (e[0], e[1]))
     for (batch, ctx), group in itertools.groupby(exps, key=lambda e: (e[0], e[1])):
         nbytes = kv_bytes(batch, ctx, a, 2)
-        sum_gbps = timing.read_bandwidth(nbytes)  # the same bytes read by the faster of a `sum` and a Triton read: what this size allows
+        # the same bytes read by the faster of a `sum` and a Triton read: what this size allows
+        sum_gbps = timing.read_bandwidth(nbytes)
         print(f"b={batch} ctx={ctx}: size-matched read {nbytes / sum_gbps / 1e3:.1f} us ({sum_gbps:.0f} GB/s)")
         rows.append(dict(batch=batch, ctx=ctx, cache="read", us=nbytes / sum_gbps / 1e3, gbps=sum_gbps))
         inp = make_inputs(batch, ctx, a)

@@ -13,7 +13,8 @@ tiles. With 16-bit caches the first tile's ids are gathered before seq_len arriv
 split would have if the row filled its length bucket (`SPEC_TABLE`); a wrong guess gathers them again.
 Keys and values are addressed only through the strides from `layout.cache_strides`, so NHD, HND and
 paged5d (and views such as the halves of a combined NHD cache) are one kernel with different strides
-and one constexpr (`KEY_X`, the head split of the paged5d key). Softmax is online, in base 2 (`exp2`, log2(e) folded into the scale).
+and one constexpr (`KEY_X`, the head split of the paged5d key). Softmax is online, in base 2 (`exp2`,
+log2(e) folded into the scale).
 
 FP8 caches are loaded as float8 and widened to fp16 for the dots (e4m3/e5m2 -> fp16 is one `cvt` per
 two elements, -> bf16 three; fp16 also keeps more of p's mantissa); `k_scale` is folded into the score
