@@ -349,10 +349,11 @@ def _tune_experiments():
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
     Each tuning round replaces this set with its question (the set here: the first step's block
     ids gathered before seq_len, SPEC_TABLE_ENABLED, against after it, s6r5: adopted for 16-bit
-    caches, where it gains up to 0.9 µs at small points; FP8 programs lose with it); earlier rounds' sets are in
-    git history and their results in results/paged_decode_tune_*.json (s6r1: evict-first key/value
-    loads, no change; s6r2: random against sequential tables; s6r3: the merge kernel's share at b1,
-    2.1-2.7 µs; s6r4: a two-level fused merge above 16 pieces, slower by 1-3.6 µs, reverted)."""
+    caches, where it gains up to 0.9 µs at small points; FP8 programs lose with it); earlier
+    rounds' sets are in git history and their results in results/paged_decode_tune_*.json (s6r1:
+    evict-first key/value loads, no change; s6r2: random against sequential tables; s6r3: the
+    merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level fused merge above 16 pieces, slower
+    by 1-3.6 µs, reverted)."""
     exps = []
     for b, c in [(1, 512), (1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 4096), (64, 4096), (128, 4096)]:
         for cdt in ("auto", "fp8"):

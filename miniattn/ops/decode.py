@@ -429,10 +429,6 @@ _CPU_SM_COUNT = 4  # under the interpreter: few programs, fast tests
 _SM_COUNT: dict = {}
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -713,6 +709,9 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     sm_scale = float(head_k ** -0.5 if scale is None else scale)
     # `out` strides are part of the plan key; a fresh output is contiguous
     out_strides = tuple(out.stride()) if out is not None else (num_q_heads * head_v, head_v, 1)
+    # SPEC_TABLE's guess: the kernel's split_len (a piece rounded up to BLOCK_N) for a row as long as the bucket
+    piece = -(-bucket // num_splits)
+    guess_split_len = -(-piece // block_n) * block_n if num_splits > 1 else 0
     plan.ints = (
         *query.stride(), *out_strides,
         *block_tables.stride(),
@@ -720,7 +719,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         vs.block, vs.slot, vs.head, vs.dim_lo,
         num_q_heads,
         capacity,
-        _cdiv(_cdiv(bucket, num_splits), block_n) * block_n if num_splits > 1 else 0,  # the kernel's split_len
+        guess_split_len,
         sm_scale * _LOG2E,
     )
     plan.consts = (
