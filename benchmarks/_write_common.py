@@ -63,6 +63,9 @@ def parser(description: str, layouts: tuple[str, ...], default_num_heads: int, d
     p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="comma list of num_tokens")
     p.add_argument("--configs", default="",
                    help="tuning: comma list of HEADSxWARPS launch configs to time as extra 'triton[HxW]' rows")
+    p.add_argument("--knobs", default="",
+                   help="probes: ';'-separated sets of `cache_write` settings (NAME=INT[,NAME=INT]), each timed "
+                        "as an extra 'triton{...}' row with the heuristic's launch config")
     p.add_argument("--slots", choices=("random", "sequential"), default="random",
                    help="slot mapping: random over all slots (the default, as vLLM's script), or slots 0..n-1 "
                         "(a probe: what random destinations cost)")
@@ -293,6 +296,8 @@ def run(args, flash: bool, name: str) -> dict:
     modes = MODES[args.mode]
     primary = modes[0]
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",") if c.strip()]
+    knobs = [{k.strip(): int(v) for k, v in (kv.split("=") for kv in ks.split(","))}
+             for ks in args.knobs.split(";") if ks.strip()]
 
     ceilings = {"ceiling": float("nan")} if args.no_ceiling else measure_ceilings()
     ceiling = ceilings["ceiling"]
@@ -313,21 +318,34 @@ def run(args, flash: bool, name: str) -> dict:
                 runners.append((impl, fn, None))
         for cfg in configs:
             runners.append((f"triton[{cfg[0]}x{cfg[1]}]", _ours(lay), cfg))
+        for knob in knobs:
+            runners.append(("triton{" + ",".join(f"{k}={v}" for k, v in knob.items()) + "}", _ours(lay), knob))
         for n in tokens:
             inputs = case.inputs(n)
             nbytes = case.bytes_moved(n)
             if n not in copy_at and not args.no_ceiling:
                 copy_at[n] = _same_size_copy_us(nbytes)
             for impl, fn, cfg in runners:
-                cache_write._CONFIG_OVERRIDE = cfg
+                settings = cfg if isinstance(cfg, dict) else {}
+                saved = {k: getattr(cache_write, k) for k in settings}
+                for k, v in settings.items():
+                    setattr(cache_write, k, v)
+                cache_write._CONFIG_OVERRIDE = None if settings else cfg
                 cache_write._PLANS.clear()
                 try:
                     us = _time(lambda: fn(inputs), modes, args.iters)
+                    if impl.startswith("triton") and n == max(tokens):  # poisoned caches, one call, read back
+                        for c in (inputs["key_cache"], inputs["value_cache"]):
+                            c.view(torch.uint8).fill_(0xFF)
+                        fn(inputs)
+                        _verify(lay, inputs, impl)
                 except Exception as e:  # a peer refusing a shape (FlashInfer at 128 heads) is a result too
                     skipped[f"{impl}@{lay}:{n}"] = f"{type(e).__name__}: {str(e)[:200]}"
                     continue
                 finally:
                     cache_write._CONFIG_OVERRIDE = None
+                    for k, v in saved.items():
+                        setattr(cache_write, k, v)
                     cache_write._PLANS.clear()
                 bw = timing.gbps(nbytes, us[primary])
                 peer = PEER_BEST_GRAPH_US.get((lay, args.num_heads, "fp8" if case.fp8 else "auto"), {}).get(n)
@@ -339,8 +357,6 @@ def run(args, flash: bool, name: str) -> dict:
                            **{f"{m}_us": v for m, v in us.items()})
                 rows.append(row)
                 print(_row_line(row, modes), flush=True)
-                if impl == "triton" and n == max(tokens):
-                    _verify(lay, inputs)
         del case
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if skipped:
@@ -349,8 +365,9 @@ def run(args, flash: bool, name: str) -> dict:
                 modes=modes)
 
 
-def _verify(kv_layout, i):
-    """After the timings: the last written tokens read back through the NHD view (FP8: quantised)."""
+def _verify(kv_layout, i, impl="triton"):
+    """After the timings: the tokens of one call into poisoned caches, read back through the NHD view
+    (FP8: quantised)."""
     from miniattn.layout import to_nhd  # noqa: PLC0415
     from miniattn.ops.reference import fp8_quantize  # noqa: PLC0415
 
@@ -362,9 +379,9 @@ def _verify(kv_layout, i):
         k, v = fp8_quantize(k, i["k_scale"], k_nhd.dtype), fp8_quantize(v, i["v_scale"], v_nhd.dtype)
     ok = torch.equal(k_nhd[slots // bs, slots % bs].view(torch.uint8), k.view(torch.uint8)) and torch.equal(
         v_nhd[slots // bs, slots % bs].view(torch.uint8), v.view(torch.uint8))
-    print(f"# check {kv_layout} {len(slots)} tokens: cache rows {'equal' if ok else 'DIFFER from'} the inputs")
+    print(f"# check {impl} {kv_layout} {len(slots)} tokens: cache rows {'equal' if ok else 'DIFFER from'} the inputs")
     if not ok:
-        raise SystemExit("triton wrote wrong values")
+        raise SystemExit(f"{impl} wrote wrong values")
 
 
 def _row_line(r, modes):

@@ -269,20 +269,17 @@ if triton_available():
             t = t0 + offs_n
             t_ok = t < end
             if V_RUN > 1:
-                # paged5d value ([.., D, bs]): tokens are contiguous inside a page. Mask whole runs so
-                # that value loads stay vector-wide; slots of a valid run past `end` (same page, so
-                # valid memory) are read and zeroed below.
-                run_ok = (t0 + (offs_n // V_RUN) * V_RUN) < end
+                # paged5d value ([.., D, bs]): tokens are contiguous inside a page. Mask whole runs
+                # (by the token each lane's run starts at) so that value loads stay vector-wide; slots
+                # of a valid run past `end` (same page, so valid memory) are read and zeroed below.
+                run_t = t0 + (offs_n // V_RUN) * V_RUN
             else:
-                run_ok = t_ok
+                run_t = t
+            run_ok = run_t < end
             if SPEC_TABLE:  # the guessed step: its ids are there already, this gather loads nothing
                 hit = t0 == guess
                 lim = tl.where(hit, 0, end)  # a limit, not `mask & scalar` (the interpreter rejects that)
-                if V_RUN > 1:
-                    gather_ok = (t0 + (offs_n // V_RUN) * V_RUN) < lim
-                else:
-                    gather_ok = t < lim
-                blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=gather_ok, other=0)
+                blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=run_t < lim, other=0)
                 blk = tl.where(hit, guess_blk, blk).to(tl.int64)
             else:
                 blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=run_ok, other=0).to(tl.int64)
