@@ -63,9 +63,6 @@ def parser(description: str, layouts: tuple[str, ...], default_num_heads: int, d
     p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="comma list of num_tokens")
     p.add_argument("--configs", default="",
                    help="tuning: comma list of HEADSxWARPS launch configs to time as extra 'triton[HxW]' rows")
-    p.add_argument("--knobs", default="",
-                   help="probes: ';'-separated sets of `cache_write` settings (NAME=INT[,NAME=INT]), each timed "
-                        "as an extra 'triton{...}' row with the heuristic's launch config")
     p.add_argument("--slots", choices=("random", "sequential"), default="random",
                    help="slot mapping: random over all slots (the default, as vLLM's script), or slots 0..n-1 "
                         "(a probe: what random destinations cost)")
@@ -296,8 +293,6 @@ def run(args, flash: bool, name: str) -> dict:
     modes = MODES[args.mode]
     primary = modes[0]
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",") if c.strip()]
-    knobs = [{k.strip(): int(v) for k, v in (kv.split("=") for kv in ks.split(","))}
-             for ks in args.knobs.split(";") if ks.strip()]
 
     ceilings = {"ceiling": float("nan")} if args.no_ceiling else measure_ceilings()
     ceiling = ceilings["ceiling"]
@@ -318,19 +313,13 @@ def run(args, flash: bool, name: str) -> dict:
                 runners.append((impl, fn, None))
         for cfg in configs:
             runners.append((f"triton[{cfg[0]}x{cfg[1]}]", _ours(lay), cfg))
-        for knob in knobs:
-            runners.append(("triton{" + ",".join(f"{k}={v}" for k, v in knob.items()) + "}", _ours(lay), knob))
         for n in tokens:
             inputs = case.inputs(n)
             nbytes = case.bytes_moved(n)
             if n not in copy_at and not args.no_ceiling:
                 copy_at[n] = _same_size_copy_us(nbytes)
             for impl, fn, cfg in runners:
-                settings = cfg if isinstance(cfg, dict) else {}
-                saved = {k: getattr(cache_write, k) for k in settings}
-                for k, v in settings.items():
-                    setattr(cache_write, k, v)
-                cache_write._CONFIG_OVERRIDE = None if settings else cfg
+                cache_write._CONFIG_OVERRIDE = cfg
                 cache_write._PLANS.clear()
                 try:
                     us = _time(lambda: fn(inputs), modes, args.iters)
@@ -344,8 +333,6 @@ def run(args, flash: bool, name: str) -> dict:
                     continue
                 finally:
                     cache_write._CONFIG_OVERRIDE = None
-                    for k, v in saved.items():
-                        setattr(cache_write, k, v)
                     cache_write._PLANS.clear()
                 bw = timing.gbps(nbytes, us[primary])
                 peer = PEER_BEST_GRAPH_US.get((lay, args.num_heads, "fp8" if case.fp8 else "auto"), {}).get(n)

@@ -347,21 +347,18 @@ def _tune_experiments():
     back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
     allocation order instead of through the random table; "_skip_merge": True launches the main
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
-    Each tuning round replaces this set with its question (the set here, s7r1: 16-bit caches at the
-    points that miss, the layout (NHD / HND), the group's own 4 q rows (MIN_ROWS 4) with the early
-    gather, and double-buffered 64-token steps (num_stages 5: 3 programs per SM) with fewer, longer
-    splits); earlier rounds' sets are in git history and their results in
-    results/paged_decode_tune_*.json (s6r1: evict-first key/value loads, no change; s6r2: random
-    against sequential tables; s6r3: the merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level
-    fused merge above 16 pieces, slower by 1-3.6 µs, reverted; s6r5: the first step's block ids
-    gathered before seq_len, adopted for 16-bit caches)."""
+    Each tuning round replaces this set with its question (the set here, s7r2: the fused merge's
+    share at its points, against the merge kernel and against the main kernel alone); earlier
+    rounds' sets are in git history and their results in results/paged_decode_tune_*.json (s6r1:
+    evict-first key/value loads, no change; s6r2: random against sequential tables; s6r3: the merge
+    kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level fused merge above 16 pieces, slower by 1-3.6
+    µs, reverted; s6r5: the first step's block ids gathered before seq_len, adopted for 16-bit
+    caches; s7r1: HND / NHD, 4 q rows, double-buffered steps with fewer splits: no gain)."""
     exps = []
-    for b, c in [(1, 512), (1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 4096), (16, 16384), (128, 4096)]:
-        exps += [(b, c, "auto", lay, None, None, {}) for lay in ("NHD", "HND")]
-        exps.append((b, c, "auto", "NHD", None, None, {"MIN_ROWS": 4}))
-    for b, c, splits in [(1, 16384, (16, 32, 48, 64)), (1, 32768, (32, 48)), (16, 4096, (2, 3)), (16, 16384, (2, 3))]:
-        exps += [(b, c, "auto", "NHD", (64, 4, 5, 3), n, {}) for n in splits]
-    exps += [(1, 16384, "auto", "NHD", (128, 8, 3, 3), n, {}) for n in (16, 32)]
+    for b, c in [(1, 512), (16, 512), (16, 4096)]:
+        for cdt in ("auto", "fp8"):
+            exps += [(b, c, cdt, "NHD", None, None, knobs) for knobs in
+                     ({}, {"FUSED_MERGE_ENABLED": False}, {"FUSED_MERGE_ENABLED": False, "_skip_merge": True})]
     return exps
 
 

@@ -96,14 +96,6 @@ def _quantize_fp8(x, scale, FP8_FORMAT: tl.constexpr, ROUND_ON_GRID: tl.constexp
 
 
 @_jit
-def _prefetch_l2(addr):
-    """`prefetch.global.L2` of the line at int64 address `addr` (one per program): the page
-    translation of a store's destination starts while the program's loads are in flight."""
-    return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@_jit
 def _reshape_and_cache_kernel(
     # pointers
     key_ptr,  # [num_tokens, num_kv_heads, head_size_k]; fp16/bf16/fp32, last dim contiguous
@@ -115,7 +107,6 @@ def _reshape_and_cache_kernel(
     v_scale_ptr,  # FP8: [1] or [num_kv_heads] float32 (any pointer otherwise, unused)
     # geometry
     num_kv_heads,
-    num_tokens,
     # input strides (elements; the last dim has stride 1)
     key_stride_tok,
     key_stride_head,
@@ -145,8 +136,6 @@ def _reshape_and_cache_kernel(
     K_SCALE_PER_HEAD: tl.constexpr,  # FP8: k_scale is [num_kv_heads] (else one element)
     V_SCALE_PER_HEAD: tl.constexpr,  # FP8: v_scale is [num_kv_heads] (else one element)
     ROUND_ON_GRID: tl.constexpr,  # interpreter only, see _round_to_fp8_grid
-    DEST_PREFETCH: tl.constexpr,  # CUDA probe (DEST_PREFETCH_MODE): prefetch destination lines
-    PREFETCH_AHEAD: tl.constexpr,  # DEST_PREFETCH 3: tokens ahead
 ):
     pid = tl.program_id(0)
     tok = pid // NUM_HEAD_BLOCKS
@@ -192,22 +181,6 @@ def _reshape_and_cache_kernel(
         k_inner = (heads[:, None] * kc_stride_head + (dk // KEY_X)[None, :] * kc_stride_dim_hi
                    + (dk % KEY_X)[None, :] * kc_stride_dim_lo)
     v_inner = heads[:, None] * vc_stride_head + dv[None, :] * vc_stride_dim
-    if DEST_PREFETCH > 0:  # padding tokens prefetch slot 0 (a valid address)
-        if DEST_PREFETCH == 3:  # the destination of a token PREFETCH_AHEAD later (if there is one)
-            ahead = tok + PREFETCH_AHEAD
-            p_slot = tl.load(slot_mapping_ptr + tl.full([1], 0, tl.int64) + ahead,
-                             mask=tl.full([1], 0, tl.int64) + ahead < num_tokens, other=0).to(tl.int64)
-            p_slot = tl.maximum(p_slot, 0)
-        else:
-            p_slot = tl.full([1], 0, tl.int64) + tl.maximum(slot, 0)
-        h0 = (pid % NUM_HEAD_BLOCKS) * HEADS_PER_PROGRAM
-        if DEST_PREFETCH == 2:  # one program per token: head block 0
-            p_slot = tl.where(h0 == 0, p_slot, 0)
-        p_blk, p_off = p_slot // BLOCK_SIZE, p_slot % BLOCK_SIZE
-        _prefetch_l2((key_cache_ptr + p_blk * kc_stride_block + p_off * kc_stride_slot + h0 * kc_stride_head)
-                     .to(tl.int64, bitcast=True))
-        _prefetch_l2((value_cache_ptr + p_blk * vc_stride_block + p_off * vc_stride_slot + h0 * vc_stride_head)
-                     .to(tl.int64, bitcast=True))
 
     if FP8_FORMAT != 0:  # bitcast: a uint8 cache holds the same bits as a float8 one
         k = _quantize_fp8(k, k_scale, FP8_FORMAT, ROUND_ON_GRID).to(key_cache_ptr.dtype.element_ty, bitcast=True)
@@ -231,12 +204,6 @@ _MAX_PLANS = 4096  # distinct argument configurations remembered (cleared when f
 
 _LAUNCH = Launcher(_reshape_and_cache_kernel) if triton_available() else None
 _PLANS: dict = {}
-#: a probe (benchmarks' --knobs): programs prefetch a destination line of the key and of the value
-#: cache into L2, so that the translation of a random destination page starts early (CUDA only).
-#: 0 off; 1 each program its own; 2 head block 0's program only; 3 the destination of the token
-#: PREFETCH_AHEAD tokens later
-DEST_PREFETCH_MODE = 0
-PREFETCH_AHEAD = 1024
 #: (heads_per_program, num_warps) forced by benchmarks/tuning; None = the heuristic below.
 _CONFIG_OVERRIDE: tuple | None = None
 
@@ -407,7 +374,7 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     plan.grid = (num_tokens * num_head_blocks,)
     plan.num_warps = num_warps
     plan.ints = (
-        num_kv_heads, num_tokens,
+        num_kv_heads,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         ks.block, ks.slot, ks.head, ks.dim_hi, ks.dim_lo,
         vs.block, vs.slot, vs.head, vs.dim_lo,
@@ -415,7 +382,7 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     k_per_head = bool(fp8) and num_kv_heads > 1 and k_scale.numel() == num_kv_heads
     v_per_head = bool(fp8) and num_kv_heads > 1 and v_scale.numel() == num_kv_heads
     plan.consts = (block_size, head_size_k, head_size_v, block_dk, block_dv, hpp, num_head_blocks, key_x, fp8,
-                   k_per_head, v_per_head, interpreting(), DEST_PREFETCH_MODE if direct else 0, PREFETCH_AHEAD)
+                   k_per_head, v_per_head, interpreting())
     plan.tail = plan.ints + plan.consts
     return plan
 
