@@ -105,8 +105,7 @@ if triton_available():
                       split_len, num_q_heads, o_stride_b, o_stride_h, o_stride_d,
                       HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, GROUP: tl.constexpr,
                       NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                      MERGE_CHUNK: tl.constexpr, FP8: tl.constexpr, V_SCALE_PER_HEAD: tl.constexpr,
-                      ONE_PASS: tl.constexpr):
+                      MERGE_CHUNK: tl.constexpr, FP8: tl.constexpr, V_SCALE_PER_HEAD: tl.constexpr):
         """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the pieces s of the rows
         row0 .. row0 + MERGE_ROWS of kv head `kvh` (flash-decoding's merge, inside the main kernel).
         Partials were written by other programs: read through L2 (`.cg`), never a stale L1 line."""
@@ -119,7 +118,8 @@ if triton_available():
         dv = tl.arange(0, HEAD_V_PAD)
         m = tl.load(part_max_ptr + qrow[:, None] + sp[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
         l_s = tl.load(part_sum_ptr + qrow[:, None] + sp[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-        if ONE_PASS:  # the acc tile of every piece goes out with m and l: one L2 round trip, not two
+        if MERGE_CHUNK >= SPLITS_PAD:  # one step holds every piece: its acc tile goes out with m and l,
+            # one L2 round trip instead of two (H200, s7r3: b16 x 512 20.5 -> 20.3 µs, b16 x 4096 79.6 -> 79.4)
             a = tl.load(part_acc_ptr + (qrow[:, None, None] + sp[None, :, None]) * HEAD_V_PAD + dv[None, None, :],
                         mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # [ROWS, SPLITS_PAD, HEAD_V_PAD]
         m_all = tl.maximum(tl.max(m, 1), -1e30)  # [MERGE_ROWS]; finite with no piece: no inf - inf
@@ -132,7 +132,7 @@ if triton_available():
             else:
                 inv = inv * tl.load(v_scale_ptr)
 
-        if ONE_PASS:
+        if MERGE_CHUNK >= SPLITS_PAD:
             o = tl.sum(a * w[:, :, None], 1)
         else:  # pieces in chunks of MERGE_CHUNK
             ch = tl.arange(0, MERGE_CHUNK)
@@ -200,7 +200,6 @@ if triton_available():
         MERGE_ROWS: tl.constexpr,  # FUSED_MERGE: q rows merged (pow2 >= the group's rows in this program)
         MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
         SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
-        MERGE_ONE_PASS: tl.constexpr,  # FUSED_MERGE, A/B probe: all pieces' loads at once when they fit one step
         SPEC_TABLE: tl.constexpr,  # gather the first step's block ids before seq_len is known (a guess)
         V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
@@ -366,8 +365,7 @@ if triton_available():
                     _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr,
                                   b, kvh, chunk * ROWS, seq_len, split_len, num_q_heads,
                                   o_stride_b, o_stride_h, o_stride_d, HEAD_V, HEAD_V_PAD, GROUP,
-                                  NUM_SPLITS, SPLITS_PAD, MERGE_ROWS, MERGE_CHUNK, FP8, V_SCALE_PER_HEAD,
-                                  MERGE_ONE_PASS and MERGE_CHUNK >= SPLITS_PAD)
+                                  NUM_SPLITS, SPLITS_PAD, MERGE_ROWS, MERGE_CHUNK, FP8, V_SCALE_PER_HEAD)
 
     @triton.jit
     def _paged_decode_reduce_kernel(
@@ -485,8 +483,6 @@ FUSED_MERGE_MAX_SPLITS = 16
 #: b16 x 4096 equal, b64 / b128 x 4096 within 0.3%. The one-warp FP8 programs lose with it (b1 x
 #: 16384 22.3 -> 23.8, b128 x 4096 283.7 -> 289.4: the ids stay live through the 5-stage loop).
 SPEC_TABLE_ENABLED = True
-#: A/B probe (s7r3): the fused merge issues every piece's loads at once when one step holds them
-MERGE_ONE_PASS_ENABLED = True
 
 
 def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int, warps: int) -> tuple:
@@ -739,7 +735,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         query.dtype == torch.float32 and not fp8,
         plan.pdl,
         fused,
-        *_merge_shape(group, rows, head_v_pad, num_splits, warps), MERGE_ONE_PASS_ENABLED,
+        *_merge_shape(group, rows, head_v_pad, num_splits, warps),
         SPEC_TABLE_ENABLED and not fp8,
         v_widen,
     )
