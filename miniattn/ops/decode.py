@@ -118,8 +118,11 @@ if triton_available():
         dv = tl.arange(0, HEAD_V_PAD)
         m = tl.load(part_max_ptr + qrow[:, None] + sp[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
         l_s = tl.load(part_sum_ptr + qrow[:, None] + sp[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-        if MERGE_CHUNK >= SPLITS_PAD:  # one step holds every piece: its acc tile goes out with m and l,
-            # one L2 round trip instead of two (H200, s7r3: b16 x 512 20.5 -> 20.3 µs, b16 x 4096 79.6 -> 79.4)
+        # 16-bit caches, one step holding every piece: the acc tile goes out with m and l, one L2 round
+        # trip instead of two (H200, s7r3: b16 x 512 20.5 -> 20.3 µs, b16 x 4096 79.6 -> 79.4). The
+        # one-warp FP8 programs lost with it (b64 x 4096, 2 pieces: 148.8 -> 151.7; b64 x 16384 533 -> 556).
+        ONE_PASS: tl.constexpr = MERGE_CHUNK >= SPLITS_PAD and not FP8
+        if ONE_PASS:
             a = tl.load(part_acc_ptr + (qrow[:, None, None] + sp[None, :, None]) * HEAD_V_PAD + dv[None, None, :],
                         mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # [ROWS, SPLITS_PAD, HEAD_V_PAD]
         m_all = tl.maximum(tl.max(m, 1), -1e30)  # [MERGE_ROWS]; finite with no piece: no inf - inf
@@ -132,7 +135,7 @@ if triton_available():
             else:
                 inv = inv * tl.load(v_scale_ptr)
 
-        if MERGE_CHUNK >= SPLITS_PAD:
+        if ONE_PASS:
             o = tl.sum(a * w[:, :, None], 1)
         else:  # pieces in chunks of MERGE_CHUNK
             ch = tl.arange(0, MERGE_CHUNK)
