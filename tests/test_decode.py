@@ -197,7 +197,7 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
         (plan,) = decode_mod._PLANS.values()
         assert plan.merges == (not fused) and plan.splits == 8
         if fused:
-            merge_chunk, splits_pad = plan.consts[-4], plan.consts[-3]
+            _, merge_chunk, splits_pad = decode_mod._merge_shape(qh // kvh, plan.consts[11], 64, 8, plan.warps)
             assert (merge_chunk >= splits_pad) == (qh // kvh < 64), "both merge paths are meant to run here"
             assert plan.arrivals.shape == (4, kvh * -(-(qh // kvh) // 64))
             assert (plan.arrivals == 0).all(), "arrival counters not reset"

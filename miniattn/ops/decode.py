@@ -101,6 +101,15 @@ if triton_available():
                 "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
 
     @triton.jit
+    def _run_start(t0, offs_n, V_RUN: tl.constexpr):
+        """The token each lane's masking run starts at. paged5d values ([.., D, bs]) are contiguous
+        inside a page: whole runs are masked so that value loads stay vector-wide (slots of a valid
+        run past `end`, in the same page and so valid memory, are read and zeroed later)."""
+        if V_RUN > 1:
+            return t0 + (offs_n // V_RUN) * V_RUN
+        return t0 + offs_n
+
+    @triton.jit
     def _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, kvh, row0, seq_len,
                       split_len, num_q_heads, o_stride_b, o_stride_h, o_stride_d,
                       HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, GROUP: tl.constexpr,
@@ -204,6 +213,7 @@ if triton_available():
         MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
         SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
         SPEC_TABLE: tl.constexpr,  # gather the first step's block ids before seq_len is known (a guess)
+        GATHER_AHEAD: tl.constexpr,  # each step gathers the next step's block ids (probe, s7r4)
         V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
@@ -276,18 +286,26 @@ if triton_available():
         l_i = tl.zeros([ROWS], dtype=tl.float32)
         acc = tl.zeros([ROWS, HEAD_V_PAD], dtype=tl.float32)
 
+        if GATHER_AHEAD:  # the first step's ids; each step then gathers the next one's
+            run_t = _run_start(start, offs_n, V_RUN)
+            if SPEC_TABLE:  # guessed right: the ids are there already, this gather loads nothing
+                hit = start == guess
+                blk_next = tl.load(bt_row_ptr + ((start + offs_n) // BLOCK_SIZE) * bt_stride_p,
+                                   mask=run_t < tl.where(hit, 0, end), other=0)
+                blk_next = tl.where(hit, guess_blk, blk_next)
+            else:
+                blk_next = tl.load(bt_row_ptr + ((start + offs_n) // BLOCK_SIZE) * bt_stride_p, mask=run_t < end,
+                                   other=0)
         for t0 in range(start, end, BLOCK_N):
             t = t0 + offs_n
             t_ok = t < end
-            if V_RUN > 1:
-                # paged5d value ([.., D, bs]): tokens are contiguous inside a page. Mask whole runs
-                # (by the token each lane's run starts at) so that value loads stay vector-wide; slots
-                # of a valid run past `end` (same page, so valid memory) are read and zeroed below.
-                run_t = t0 + (offs_n // V_RUN) * V_RUN
-            else:
-                run_t = t
+            run_t = _run_start(t0, offs_n, V_RUN)
             run_ok = run_t < end
-            if SPEC_TABLE:  # the guessed step: its ids are there already, this gather loads nothing
+            if GATHER_AHEAD:  # this step's ids arrived during the last step; the next step's go out now
+                blk = blk_next.to(tl.int64)
+                blk_next = tl.load(bt_row_ptr + ((t + BLOCK_N) // BLOCK_SIZE) * bt_stride_p,
+                                   mask=run_t + BLOCK_N < end, other=0)
+            elif SPEC_TABLE:  # the guessed step: its ids are there already, this gather loads nothing
                 hit = t0 == guess
                 lim = tl.where(hit, 0, end)  # a limit, not `mask & scalar` (the interpreter rejects that)
                 blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=run_t < lim, other=0)
@@ -486,6 +504,8 @@ FUSED_MERGE_MAX_SPLITS = 16
 #: b16 x 4096 equal, b64 / b128 x 4096 within 0.3%. The one-warp FP8 programs lose with it (b1 x
 #: 16384 22.3 -> 23.8, b128 x 4096 283.7 -> 289.4: the ids stay live through the 5-stage loop).
 SPEC_TABLE_ENABLED = True
+#: probe (s7r4): each step gathers the next step's block ids, in flight during the step
+GATHER_AHEAD_ENABLED = True
 
 
 def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int, warps: int) -> tuple:
@@ -740,6 +760,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         fused,
         *_merge_shape(group, rows, head_v_pad, num_splits, warps),
         SPEC_TABLE_ENABLED and not fp8,
+        GATHER_AHEAD_ENABLED and not fp8,
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
