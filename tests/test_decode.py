@@ -211,18 +211,23 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
 
 
 @pytest.mark.parametrize("layout", ["NHD", "paged5d"])
-def test_guessed_first_gather(monkeypatch, layout):
-    """The first step's block ids are gathered before seq_len is known, at the start a split would
-    have if the row filled the table; rows of other lengths start elsewhere (a wrong guess, the
-    ids gathered again). Right and wrong guesses, one split and eight: the same bits as without
-    the guess, and the reference's result."""
+def test_gather_ahead(monkeypatch, layout):
+    """Split programs gather block ids ahead: the first step's before seq_len is known, at the start
+    a split would have if the row filled the table (rows of other lengths start elsewhere: a wrong
+    guess, the ids gathered again), then each step the next step's, the last one past the row's
+    end masked off. Right and wrong guesses, 2 and 8 splits, rows ending inside a tile, table
+    entries past each row's blocks poisoned (an id far out of range: a load through one faults or
+    reads garbage): the same bits as the plain gather, and the reference's result."""
     _seed("guess", layout)
-    case = make_case(layout, 4, 1, 64, 16, (2000, 100, 0, 700))
+    lens = (2000, 100, 0, 700)
+    case = make_case(layout, 4, 1, 64, 16, lens)
     ref = paged_decode_attention_ref(**case)
-    for n in (1, 8):
+    for row, n in enumerate(lens):
+        case["block_tables"][row, -(-n // 16):] = 2**30
+    for n in (2, 8):
         outs = []
-        for spec in (True, False):
-            monkeypatch.setattr(decode_mod, "SPEC_TABLE_ENABLED", spec)
+        for ahead in (True, False):
+            monkeypatch.setattr(decode_mod, "GATHER_AHEAD_ENABLED", ahead)
             monkeypatch.setattr(decode_mod, "_PLANS", {})
             outs.append(paged_decode_attention(**case, num_splits=n))
             (plan,) = decode_mod._PLANS.values()

@@ -9,8 +9,9 @@ loads the query rows of every q head that shares its kv head (GQA/MQA: the whole
 to >= MIN_ROWS rows: 16 = the MMA's M for 16-bit caches, 4 for FP8, where Triton pads the MMA), then
 walks its share of the sequence BLOCK_N tokens at a time. BLOCK_N may span several cache blocks
 (pages): each token's block id is gathered from the block table, so block_size 8 still gives 64-token
-tiles. With 16-bit caches the first tile's ids are gathered before seq_len arrives, at the start the
-split would have if the row filled its length bucket (`SPEC_TABLE`); a wrong guess gathers them again.
+tiles. Split 16-bit programs gather ahead (`GATHER_AHEAD`): the first tile's ids before seq_len arrives,
+at the start the split would have if the row filled its length bucket (a wrong guess gathers them
+again), and each step the next step's ids, so that no step waits for a gather.
 Keys and values are addressed only through the strides from `layout.cache_strides`, so NHD, HND and
 paged5d (and views such as the halves of a combined NHD cache) are one kernel with different strides
 and one constexpr (`KEY_X`, the head split of the paged5d key). Softmax is online, in base 2 (`exp2`,
@@ -185,7 +186,7 @@ if triton_available():
         v_stride_block, v_stride_slot, v_stride_head, v_stride_d,  # value cache
         num_q_heads,
         bt_tokens,  # block table capacity in tokens (max_blocks * BLOCK_SIZE)
-        guess_split_len,  # SPEC_TABLE: split length for a sequence as long as the plan's length bucket
+        guess_split_len,  # GATHER_AHEAD: split length for a sequence as long as the plan's length bucket
         qk_scale,  # float: softmax scale * log2(e)
         # ---- constexprs -----------------------------------------------------------------------
         BLOCK_SIZE: tl.constexpr,  # tokens per cache block (page)
@@ -212,8 +213,7 @@ if triton_available():
         MERGE_ROWS: tl.constexpr,  # FUSED_MERGE: q rows merged (pow2 >= the group's rows in this program)
         MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
         SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
-        SPEC_TABLE: tl.constexpr,  # gather the first step's block ids before seq_len is known (a guess)
-        GATHER_AHEAD: tl.constexpr,  # each step gathers the next step's block ids (probe, s7r4)
+        GATHER_AHEAD: tl.constexpr,  # block ids gathered a step ahead, the first step's on a guess
         V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
@@ -236,11 +236,11 @@ if triton_available():
         bt_row_ptr = block_tables_ptr + b.to(tl.int64) * bt_stride_b
         offs_n = tl.arange(0, BLOCK_N)
         seq_len = tl.load(seq_lens_ptr + b)
-        if SPEC_TABLE:
+        if GATHER_AHEAD:
             # The first step's block ids would wait for seq_len (it fixes where this split starts),
             # and the first key/value loads for them: two memory latencies in a row. So gather them
             # now, at the start this split has when the sequence fills the plan's length bucket;
-            # the loop uses them when the guess was right (always with one split).
+            # they are used when the guess was right (always for split 0).
             guess = split * guess_split_len
             guess_t = guess + offs_n
             guess_blk = tl.load(bt_row_ptr + (guess_t // BLOCK_SIZE) * bt_stride_p, mask=guess_t < bt_tokens,
@@ -286,16 +286,12 @@ if triton_available():
         l_i = tl.zeros([ROWS], dtype=tl.float32)
         acc = tl.zeros([ROWS, HEAD_V_PAD], dtype=tl.float32)
 
-        if GATHER_AHEAD:  # the first step's ids; each step then gathers the next one's
-            run_t = _run_start(start, offs_n, V_RUN)
-            if SPEC_TABLE:  # guessed right: the ids are there already, this gather loads nothing
-                hit = start == guess
-                blk_next = tl.load(bt_row_ptr + ((start + offs_n) // BLOCK_SIZE) * bt_stride_p,
-                                   mask=run_t < tl.where(hit, 0, end), other=0)
-                blk_next = tl.where(hit, guess_blk, blk_next)
-            else:
-                blk_next = tl.load(bt_row_ptr + ((start + offs_n) // BLOCK_SIZE) * bt_stride_p, mask=run_t < end,
-                                   other=0)
+        if GATHER_AHEAD:  # the first step's ids: guessed right, this gather loads nothing
+            hit = start == guess
+            lim = tl.where(hit, 0, end)  # a limit, not `mask & scalar` (the interpreter rejects that)
+            blk_next = tl.load(bt_row_ptr + ((start + offs_n) // BLOCK_SIZE) * bt_stride_p,
+                               mask=_run_start(start, offs_n, V_RUN) < lim, other=0)
+            blk_next = tl.where(hit, guess_blk, blk_next)
         for t0 in range(start, end, BLOCK_N):
             t = t0 + offs_n
             t_ok = t < end
@@ -305,11 +301,6 @@ if triton_available():
                 blk = blk_next.to(tl.int64)
                 blk_next = tl.load(bt_row_ptr + ((t + BLOCK_N) // BLOCK_SIZE) * bt_stride_p,
                                    mask=run_t + BLOCK_N < end, other=0)
-            elif SPEC_TABLE:  # the guessed step: its ids are there already, this gather loads nothing
-                hit = t0 == guess
-                lim = tl.where(hit, 0, end)  # a limit, not `mask & scalar` (the interpreter rejects that)
-                blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=run_t < lim, other=0)
-                blk = tl.where(hit, guess_blk, blk).to(tl.int64)
             else:
                 blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=run_ok, other=0).to(tl.int64)
             slot = t % BLOCK_SIZE
@@ -498,13 +489,15 @@ def _capability(device: torch.device) -> tuple:
 #: compare (clear `_PLANS` after).
 FUSED_MERGE_ENABLED = True
 FUSED_MERGE_MAX_SPLITS = 16
-#: 16-bit caches: gather the first step's block ids before seq_len arrives (`SPEC_TABLE` in the
-#: kernel), one memory latency less before the first key/value loads. H200, graph µs (tune s6r5):
-#: b1 x 512 10.3 -> 10.0, b16 x 512 21.2 -> 20.4, b1 x 16384 32.6 -> 31.7, b1 x 32768 50.7 -> 50.0,
-#: b16 x 4096 equal, b64 / b128 x 4096 within 0.3%. The one-warp FP8 programs lose with it (b1 x
-#: 16384 22.3 -> 23.8, b128 x 4096 283.7 -> 289.4: the ids stay live through the 5-stage loop).
-SPEC_TABLE_ENABLED = True
-#: probe (s7r4): each step gathers the next step's block ids, in flight during the step
+#: split launches with 16-bit caches gather block ids ahead (`GATHER_AHEAD` in the kernel). The
+#: first step's before seq_len arrives, one memory latency less before the first key/value loads
+#: (H200, graph µs, tune s6r5: b1 x 512 10.3 -> 10.0, b16 x 512 21.2 -> 20.4, b1 x 16384 32.6 ->
+#: 31.7, b1 x 32768 50.7 -> 50.0); then each step the next step's, so that no step's key/value
+#: copies wait for a gather (s7r4, two alternating rounds: b1 x 16384 32.0 -> 31.65, b1 x 32768
+#: 50.55 -> 50.0, b16 x 4096 81.15 -> 80.75, paged5d 119.7 -> 118.9). Launches without splits
+#: (large batches) were within 0.5% either way and keep the plain gather; the one-warp FP8
+#: programs lost with the early gather (b1 x 16384 22.3 -> 23.8: the ids stay live through the
+#: 5-stage loop) and keep it too.
 GATHER_AHEAD_ENABLED = True
 
 
@@ -737,7 +730,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     sm_scale = float(head_k ** -0.5 if scale is None else scale)
     # `out` strides are part of the plan key; a fresh output is contiguous
     out_strides = tuple(out.stride()) if out is not None else (num_q_heads * head_v, head_v, 1)
-    # SPEC_TABLE's guess: the kernel's split_len (a piece rounded up to BLOCK_N) for a row as long as the bucket
+    # GATHER_AHEAD's guess: the kernel's split_len (a piece rounded up to BLOCK_N) for a row as long as the bucket
     piece = -(-bucket // num_splits)
     guess_split_len = -(-piece // block_n) * block_n if num_splits > 1 else 0
     plan.ints = (
@@ -759,8 +752,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         plan.pdl,
         fused,
         *_merge_shape(group, rows, head_v_pad, num_splits, warps),
-        SPEC_TABLE_ENABLED and not fp8,
-        GATHER_AHEAD_ENABLED and not fp8,
+        GATHER_AHEAD_ENABLED and not fp8 and num_splits > 1,
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
