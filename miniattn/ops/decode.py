@@ -497,7 +497,7 @@ FUSED_MERGE_MAX_SPLITS = 16
 #: 50.55 -> 50.0, b16 x 4096 81.15 -> 80.75, paged5d 119.7 -> 118.9). Launches without splits
 #: (large batches) were within 0.5% either way and keep the plain gather; the one-warp FP8
 #: programs lost with the early gather (b1 x 16384 22.3 -> 23.8: the ids stay live through the
-#: 5-stage loop) and keep it too.
+#: 5-stage loop) and keep the plain gather too.
 GATHER_AHEAD_ENABLED = True
 
 
@@ -505,8 +505,8 @@ def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int, warps:
     """(MERGE_ROWS, MERGE_CHUNK, SPLITS_PAD) of the fused merge: the q rows one program holds (the
     group's real rows, not the padded ones), and as many pieces per step as keep the
     [rows, pieces, head] partial tile at 32 floats per thread: sm_90 SASS of the 4-warp 16-bit
-    kernel keeps its 96 registers with that, and takes 139 with twice as much (fewer programs per
-    SM)."""
+    kernel kept its 96 registers with that (session 5), and took 139 with twice as much (fewer
+    programs per SM); 112 today, with the gather ahead and the one-round merge (Triton 3.9)."""
     merge_rows = min(rows, _next_pow2(group))
     splits_pad = max(2, _next_pow2(num_splits))
     chunk = max(1, (32 * 32 * warps) // (merge_rows * head_v_pad))
@@ -541,8 +541,8 @@ def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: i
     batch x kv heads (x row chunks) programs before any split.
 
     About 16 KB of keys per loop step: 64 tokens x 128 x 2 B (32 tokens for head sizes over 128).
-    programs_per_sm is how many programs fit on an SM at once (sm_90: 98 registers and 38 KB of shared
-    memory for 16-bit caches), which the split heuristic fills. Deeper pipelines and 8 warps were no
+    programs_per_sm is how many programs fit on an SM at once (sm_90: 112-116 registers and 38 KB of
+    shared memory for 16-bit caches, <= 128 and 57 KB allow 4), which the split heuristic fills. Deeper pipelines and 8 warps were no
     faster for 16-bit caches, nor were 1- or 2-warp programs (H100 and H200, benchmarks/README.md).
 
     FP8 with `pinned_widen` (values widened by `_widen_fp8_pinned`), measured on an H200 (`--tune`,
