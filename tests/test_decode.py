@@ -183,8 +183,9 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
     """Split partials merged inside the main kernel (the last program of a sequence and kv head to
     finish) == merged by the separate merge kernel == the reference, with empty pieces (more splits
     than a short row has tiles), padding rows, GQA 4:1, MHA, row chunks (72:1), FP8 with per-head
-    scales; every piece merged in one step (8:2, 2:2) and in chunks of pieces (72:1). The arrival
-    counters are back at zero after every call, so calls can repeat."""
+    scales; every piece merged in one step (8:2, 16-bit) and in chunks of pieces (72:1; FP8 always
+    takes the chunked merge). The arrival counters are back at zero after every call, so calls can
+    repeat."""
     _seed("fused", qh, kvh, kv_cache_dtype)
     case = make_case("NHD", qh, kvh, 64, 16, (300, 1, 0, 129), kv_cache_dtype=kv_cache_dtype,
                      per_head_scale=True)
@@ -198,7 +199,8 @@ def test_fused_merge_equals_merge_kernel(monkeypatch, qh, kvh, kv_cache_dtype):
         assert plan.merges == (not fused) and plan.splits == 8
         if fused:
             _, merge_chunk, splits_pad = decode_mod._merge_shape(qh // kvh, plan.consts[11], 64, 8, plan.warps)
-            assert (merge_chunk >= splits_pad) == (qh // kvh < 64), "both merge paths are meant to run here"
+            one_pass = merge_chunk >= splits_pad and kv_cache_dtype == "auto"  # `_merge_pieces`' ONE_PASS
+            assert one_pass == ((qh, kvh) == (8, 2)), "both merge paths are meant to run here"
             assert plan.arrivals.shape == (4, kvh * -(-(qh // kvh) // 64))
             assert (plan.arrivals == 0).all(), "arrival counters not reset"
         poisoned = torch.full_like(outs[fused][0], float("nan"))  # every output element must be written

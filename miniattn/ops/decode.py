@@ -542,8 +542,9 @@ def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: i
 
     About 16 KB of keys per loop step: 64 tokens x 128 x 2 B (32 tokens for head sizes over 128).
     programs_per_sm is how many programs fit on an SM at once (sm_90: 112-116 registers and 38 KB of
-    shared memory for 16-bit caches, <= 128 and 57 KB allow 4), which the split heuristic fills. Deeper pipelines and 8 warps were no
-    faster for 16-bit caches, nor were 1- or 2-warp programs (H100 and H200, benchmarks/README.md).
+    shared memory for 16-bit caches, <= 128 and 57 KB allow 4), which the split heuristic fills.
+    Deeper pipelines and 8 warps were no faster for 16-bit caches, nor were 1- or 2-warp programs
+    (H100 and H200, benchmarks/README.md).
 
     FP8 with `pinned_widen` (values widened by `_widen_fp8_pinned`), measured on an H200 (`--tune`,
     results/paged_decode_tune_h200_s4*.json, _s5r3, _s5r4): the FP8 kernel is bound by issue and
