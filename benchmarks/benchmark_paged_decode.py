@@ -347,9 +347,9 @@ def _tune_experiments():
     back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
     allocation order instead of through the random table; "_skip_merge": True launches the main
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
-    Each tuning round replaces this set with its question (the set here, s7r5: the final rule,
-    block ids gathered ahead at split points with 16-bit caches, against the plain gather there,
-    alternating, twice where s7r4 had one round or a loss; FP8 and 1-split points as they are);
+    Each tuning round replaces this set with its question (the set here, s8r3: paged5d read in its
+    memory order against the generic order, auto and FP8, the register cap off once, NHD alongside,
+    and rows ending inside a step, where the peeled last step runs);
     earlier rounds' sets are in git history and their results in
     results/paged_decode_tune_*.json (s6r1: evict-first key/value loads, no change; s6r2: random
     against sequential tables; s6r3: the merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level
@@ -358,13 +358,17 @@ def _tune_experiments():
     double-buffered steps with fewer splits: no gain; s7r2: the fused merge costs 1.3-2.4 µs at
     its points; s7r3: the fused merge's loads in one L2 round trip when one step holds every
     piece, -0.2 µs at b16 x 512 / 4096, adopted for 16-bit caches; s7r4: each step gathers the next
-    step's block ids, -0.4 to -0.8 µs at split points, within 0.5% without splits)."""
+    step's block ids, -0.4 to -0.8 µs at split points, within 0.5% without splits; s7r5: that rule
+    against the plain gather, two rounds; s8r1 / s8r2: paged5d keys, then values, read in memory
+    order, and what zeroing the values in every step costs; b1 x 4096 at 8-64 fused pieces)."""
     exps = []
-    for b, c in [(1, 16384), (1, 32768), (16, 4096), (16, 16384), (16, 32768)]:
-        for _ in range(2):
-            exps += [(b, c, "auto", "NHD", None, None, {"GATHER_AHEAD_ENABLED": f}) for f in (True, False)]
-    for b, c in [(16, 4096), (64, 4096), (128, 4096), (1, 16384)]:
-        exps += [(b, c, cdt, "NHD", None, None, {}) for cdt in ("auto", "fp8")]
+    for b, c in [(16, 4096), (64, 4096), (128, 4096), (1, 16384), (64, 512)]:
+        for cdt in ("auto", "fp8"):
+            exps += [(b, c, cdt, "paged5d", None, None, {"PAGE_ORDER_ENABLED": po}) for po in (True, False)]
+        exps.append((b, c, "auto", "paged5d", None, None, {"REGISTER_CAP_ENABLED": False}))
+        exps.append((b, c, "auto", "NHD", None, None, {}))
+    for b, c in [(16, 4101), (64, 4101)]:  # a partial last step: the peeled one runs
+        exps += [(b, c, "auto", lay, None, None, {}) for lay in ("paged5d", "NHD")]
     return exps
 
 

@@ -2,6 +2,7 @@
 
     ncu --kernel-name regex:_paged_decode_kernel --launch-skip 2 --launch-count 1 \\
         --section WarpStateStats python benchmarks/profile_decode.py --batch 128 --ctx 4096 --fp8
+    (--layout paged5d for another layout, --set NAME=VALUE for a decode module setting)
 
 Each configuration is called 3 times (compilation, the Launcher path, the raw-address path), so
 `--launch-skip 2 --launch-count 1` picks the hot path's launch of the first one.
@@ -15,6 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from miniattn.layout import from_nhd  # noqa: E402
+from miniattn.ops import decode as decode_mod  # noqa: E402
 from miniattn.ops.decode import paged_decode_attention  # noqa: E402
 
 
@@ -27,7 +30,15 @@ def main():
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--layout", default="NHD", choices=["NHD", "HND", "paged5d"])
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a decode module setting for this run, e.g. --set GATHER_AHEAD_ENABLED=False")
     a = p.parse_args()
+    for item in a.set:
+        name, _, val = item.partition("=")
+        if not hasattr(decode_mod, name):
+            p.error(f"--set: miniattn.ops.decode has no setting {name!r}")
+        setattr(decode_mod, name, type(getattr(decode_mod, name))(eval(val, {})))
     bs, mb = a.block_size, -(-a.ctx // a.block_size)
     nb = a.batch * mb
     k = torch.randn(nb, bs, a.num_kv_heads, a.head_size, dtype=torch.bfloat16, device="cuda")
@@ -40,8 +51,10 @@ def main():
         s = torch.tensor([0.25], device="cuda")
         k, v = (k / s).to(torch.float8_e4m3fn), (v / s).to(torch.float8_e4m3fn)
         extra = dict(kv_cache_dtype="fp8", k_scale=s, v_scale=s)
+    if a.layout != "NHD":
+        k, v = from_nhd(a.layout, k, v)
     for _ in range(3):
-        paged_decode_attention(q, k, v, bt, sl, **extra)
+        paged_decode_attention(q, k, v, bt, sl, kv_layout=a.layout, **extra)
     torch.cuda.synchronize()
 
 

@@ -164,6 +164,62 @@ def test_fp8_large_batch_launch_config(kv_cache_dtype):
         assert want[:3] == (32, 1, 5)
 
 
+@pytest.mark.parametrize("layout,kv_cache_dtype", [(lay, "auto") for lay in LAYOUTS] + [("paged5d", "fp8")])
+def test_unwritten_slots_poisoned(monkeypatch, layout, kv_cache_dtype):
+    """Every slot no row uses holds NaN, keys and values (FP8: the e4m3 NaN byte). Rows end inside a
+    page, inside a loop step, inside an 8-token vector, or on a step's edge, with 1 and 3 splits.
+    paged5d both in its memory order (whole pages masked: the last page's unused slots are read,
+    their scores masked and their values zeroed by the peeled last step) and in the generic order.
+    No NaN, and the reference's result."""
+    _seed("poison", layout, kv_cache_dtype)
+    bs, lens = 16, (21, 64, 3, 0, 75, 130)
+    batch, max_blocks = len(lens), -(-max(lens) // bs)
+    num_blocks = batch * max_blocks + 2
+    k = torch.randn(num_blocks, bs, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    v = torch.randn_like(k)
+    extra = {}
+    if kv_cache_dtype == "fp8":
+        s = torch.tensor([0.05], device=DEVICE)
+        k = fp8_quantize(k.flatten(0, 1), s, torch.float8_e4m3fn).view(k.shape).view(torch.uint8)
+        v = fp8_quantize(v.flatten(0, 1), s, torch.float8_e4m3fn).view(v.shape).view(torch.uint8)
+        extra = dict(kv_cache_dtype="fp8", k_scale=s, v_scale=s)
+    bt = torch.randperm(num_blocks, device=DEVICE)[: batch * max_blocks].reshape(batch, max_blocks).to(torch.int32)
+    used = torch.zeros(num_blocks, bs, dtype=torch.bool, device=DEVICE)
+    for row, n in enumerate(lens):
+        tok = torch.arange(n, device=DEVICE)
+        used[bt[row, tok // bs].long(), tok % bs] = True
+    nan = 0x7F if kv_cache_dtype == "fp8" else float("nan")
+    k[~used], v[~used] = nan, nan
+    kc, vc = from_nhd(layout, k, v)
+    case = dict(query=torch.randn(batch, 8, 64, dtype=torch.bfloat16, device=DEVICE), key_cache=kc,
+                value_cache=vc, block_tables=bt, seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                kv_layout=layout, **extra)
+    ref = paged_decode_attention_ref(**case)
+    assert not ref.isnan().any()
+    for order in (True, False) if layout == "paged5d" else (True,):
+        monkeypatch.setattr(decode_mod, "PAGE_ORDER_ENABLED", order)
+        for n in (1, 3):
+            monkeypatch.setattr(decode_mod, "_PLANS", {})
+            out = paged_decode_attention(**case, num_splits=n)
+            (plan,) = decode_mod._PLANS.values()
+            assert plan.consts[-2] == (order and layout == "paged5d")  # PAGE_ORDER
+            assert rel_err(out, ref) <= (2e-2 if extra else 1e-2)
+            assert (out[3] == 0).all()
+
+
+def test_register_cap():
+    """The cap lets programs_per_sm programs share an SM's 64K registers; paged5d launches (the
+    peeled last step) take it, the others none."""
+    assert decode_mod._register_cap(4, 4) == 128
+    assert decode_mod._register_cap(4, 3) == 168
+    assert decode_mod._register_cap(1, 8) is None and decode_mod._register_cap(4, 2) is None
+    for layout in LAYOUTS:
+        decode_mod._PLANS.clear()
+        paged_decode_attention(**make_case(layout, 4, 1, 64, 16, (40,)))
+        (plan,) = decode_mod._PLANS.values()
+        assert plan.maxnreg == (128 if layout == "paged5d" else None)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_splits_agree(layout):
     """1 split == many splits (and == the reference), lengths long enough for several splits."""

@@ -164,6 +164,88 @@ if triton_available():
                  (o * inv[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv < HEAD_V)[None, :])
 
     @triton.jit
+    def _attend_step(q, m_i, l_i, acc, t0, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off, dk_ok,
+                     dv_ok, k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot, v_stride_d,
+                     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_K: tl.constexpr, HEAD_K_PAD: tl.constexpr,
+                     HEAD_V_PAD: tl.constexpr, KEY_X: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+                     V_RUN: tl.constexpr, PAGE_ORDER: tl.constexpr, FP8: tl.constexpr, DOT_F32: tl.constexpr,
+                     IEEE: tl.constexpr, V_WIDEN: tl.constexpr, ZERO_TAIL: tl.constexpr):
+        """One loop step of the online softmax: the tokens t0 .. t0 + BLOCK_N (those < end) of one kv head,
+        whose block ids are `blk` ([BLOCK_N] int64), folded into (m_i, l_i, acc).
+
+        PAGE_ORDER (paged5d): keys and values are read in the cache's own order, [D/x, tokens, x] keys and
+        [pages, D, tokens] values, and permuted to [D, tokens] / [tokens, D] on chip: every 8 lanes of a warp
+        then read one whole 128-byte line and the L2 gets 4-sector requests, where the [tokens, D] tiles
+        had lanes on 16-byte pieces of 8-16 different lines (1 sector per request, H200 ncu:
+        b64 x 4096 415 -> 282 µs). Their loads mask whole page runs (per-lane masks split requests too),
+        so the last page's slots past `end` are read: the scores' mask removes those keys, and ZERO_TAIL
+        (the last, partial step only) zeroes those values, since p = 0 times a garbage inf/NaN is NaN. The
+        zeroing takes the values through registers and shared memory again, so full steps skip it."""
+        offs_n = tl.arange(0, BLOCK_N)
+        t = t0 + offs_n
+        t_ok = t < end
+        run_ok = _run_start(t0, offs_n, V_RUN) < end
+        slot = t % BLOCK_SIZE
+        k_tok = blk * k_stride_block + slot * k_stride_slot
+        if K_ALIGN > 1:
+            k_tok = tl.multiple_of(k_tok, K_ALIGN)
+        if PAGE_ORDER:
+            kc = tl.arange(0, HEAD_K_PAD // KEY_X)
+            k3 = tl.load(k_head_ptr + (kc * k_stride_dhi)[:, None, None] + k_tok[None, :, None]
+                         + tl.arange(0, KEY_X)[None, None, :],
+                         mask=(kc * KEY_X < HEAD_K)[:, None, None] & run_ok[None, :, None], other=0.0)
+            kt = tl.reshape(tl.permute(k3, (0, 2, 1)), (HEAD_K_PAD, BLOCK_N))  # [D/x, N, x] -> [D, N]
+        else:
+            kt = tl.trans(tl.load(k_head_ptr + k_tok[:, None] + k_dim_off[None, :],
+                                  mask=t_ok[:, None] & dk_ok[None, :], other=0.0))  # [HEAD_K_PAD, BLOCK_N]
+        if FP8:  # keys: Triton's conversion is already cheap (no transpose: d is their reduction dim)
+            kt = kt.to(q.dtype)
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32))
+        elif IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        if PAGE_ORDER:
+            PAGES: tl.constexpr = BLOCK_N // V_RUN
+            page_t = t0 + tl.arange(0, PAGES) * V_RUN  # first token of each run
+            page_blk = tl.max(tl.reshape(blk, (PAGES, V_RUN)), 1)  # the run's block id (one per run)
+            page_off = tl.multiple_of(page_blk * v_stride_block + (page_t % BLOCK_SIZE) * v_stride_slot, V_RUN)
+            v3 = tl.load(v_head_ptr + page_off[:, None, None] + tl.multiple_of(v_dim_off, V_RUN)[None, :, None]
+                         + tl.arange(0, V_RUN)[None, None, :],
+                         mask=(page_t < end)[:, None, None] & dv_ok[None, :, None], other=0.0)  # [PAGES, D, RUN]
+            v = tl.reshape(tl.permute(v3, (0, 2, 1)), (BLOCK_N, HEAD_V_PAD))
+        else:
+            v_tok = blk * v_stride_block + slot * v_stride_slot
+            if V_RUN > 1:
+                v_tok = tl.max_contiguous(tl.multiple_of(v_tok, V_RUN), V_RUN)
+            elif V_ALIGN > 1:
+                v_tok = tl.multiple_of(v_tok, V_ALIGN)
+            v = tl.load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :],
+                        mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
+        if FP8:
+            if V_WIDEN:
+                v = _widen_fp8_pinned(v, V_WIDEN == 2)
+            else:
+                v = v.to(q.dtype)
+        if ZERO_TAIL:
+            v = tl.where(t_ok[:, None], v, 0.0)
+        if DOT_F32:
+            pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32))
+        elif IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(q.dtype), v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
     def _paged_decode_kernel(
         # ---- pointers -------------------------------------------------------------------------
         q_ptr,  # [batch, num_q_heads, HEAD_K] query dtype
@@ -214,6 +296,7 @@ if triton_available():
         MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
         SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
         GATHER_AHEAD: tl.constexpr,  # block ids gathered a step ahead, the first step's on a guess
+        PAGE_ORDER: tl.constexpr,  # paged5d keys / values read in their memory order (`_attend_step`)
         V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
@@ -292,61 +375,35 @@ if triton_available():
             blk_next = tl.load(bt_row_ptr + ((start + offs_n) // BLOCK_SIZE) * bt_stride_p,
                                mask=_run_start(start, offs_n, V_RUN) < lim, other=0)
             blk_next = tl.where(hit, guess_blk, blk_next)
-        for t0 in range(start, end, BLOCK_N):
-            t = t0 + offs_n
-            t_ok = t < end
-            run_t = _run_start(t0, offs_n, V_RUN)
-            run_ok = run_t < end
+        if V_RUN > 1:  # values masked by whole page runs: a partial last step, which zeroes them, runs on its own
+            loop_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
+        else:
+            loop_end = end
+        for t0 in range(start, loop_end, BLOCK_N):
             if GATHER_AHEAD:  # this step's ids arrived during the last step; the next step's go out now
                 blk = blk_next.to(tl.int64)
-                blk_next = tl.load(bt_row_ptr + ((t + BLOCK_N) // BLOCK_SIZE) * bt_stride_p,
-                                   mask=run_t + BLOCK_N < end, other=0)
+                blk_next = tl.load(bt_row_ptr + ((t0 + BLOCK_N + offs_n) // BLOCK_SIZE) * bt_stride_p,
+                                   mask=_run_start(t0, offs_n, V_RUN) + BLOCK_N < end, other=0)
             else:
-                blk = tl.load(bt_row_ptr + (t // BLOCK_SIZE) * bt_stride_p, mask=run_ok, other=0).to(tl.int64)
-            slot = t % BLOCK_SIZE
-            k_tok = blk * k_stride_block + slot * k_stride_slot
-            v_tok = blk * v_stride_block + slot * v_stride_slot
-            if K_ALIGN > 1:
-                k_tok = tl.multiple_of(k_tok, K_ALIGN)
-            if V_RUN > 1:
-                v_tok = tl.max_contiguous(tl.multiple_of(v_tok, V_RUN), V_RUN)
-            elif V_ALIGN > 1:
-                v_tok = tl.multiple_of(v_tok, V_ALIGN)
-
-            k = tl.load(k_head_ptr + k_tok[:, None] + k_dim_off[None, :],
-                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_K_PAD]
-            if FP8:  # keys: Triton's conversion is already cheap (no transpose: d is their reduction dim)
-                k = k.to(q.dtype)
-            if DOT_F32:
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-            elif IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
-            s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-
-            v = tl.load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :],
-                        mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
-            if FP8:
-                if V_WIDEN:
-                    v = _widen_fp8_pinned(v, V_WIDEN == 2)
+                blk = tl.load(bt_row_ptr + ((t0 + offs_n) // BLOCK_SIZE) * bt_stride_p,
+                              mask=_run_start(t0, offs_n, V_RUN) < end, other=0).to(tl.int64)
+            m_i, l_i, acc = _attend_step(
+                q, m_i, l_i, acc, t0, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off, dk_ok, dv_ok,
+                k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot, v_stride_d,
+                BLOCK_SIZE, BLOCK_N, HEAD_K, HEAD_K_PAD, HEAD_V_PAD, KEY_X, K_ALIGN, V_ALIGN, V_RUN, PAGE_ORDER,
+                FP8, DOT_F32, IEEE, V_WIDEN, False)
+        if V_RUN > 1:
+            if loop_end < end:
+                if GATHER_AHEAD:
+                    blk = blk_next.to(tl.int64)
                 else:
-                    v = v.to(q.dtype)
-            if V_RUN > 1:
-                v = tl.where(t_ok[:, None], v, 0.0)  # p is 0 there, but 0 * (garbage inf/nan) is not
-            if DOT_F32:
-                pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32))
-            elif IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(q.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+                    blk = tl.load(bt_row_ptr + ((loop_end + offs_n) // BLOCK_SIZE) * bt_stride_p,
+                                  mask=_run_start(loop_end, offs_n, V_RUN) < end, other=0).to(tl.int64)
+                m_i, l_i, acc = _attend_step(
+                    q, m_i, l_i, acc, loop_end, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off,
+                    dk_ok, dv_ok, k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot,
+                    v_stride_d, BLOCK_SIZE, BLOCK_N, HEAD_K, HEAD_K_PAD, HEAD_V_PAD, KEY_X, K_ALIGN, V_ALIGN, V_RUN,
+                    PAGE_ORDER, FP8, DOT_F32, IEEE, V_WIDEN, True)
 
         if NUM_SPLITS == 1:
             inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0: acc is 0 -> zeros, never NaN
@@ -499,6 +556,12 @@ FUSED_MERGE_MAX_SPLITS = 16
 #: programs lost with the early gather (b1 x 16384 22.3 -> 23.8: the ids stay live through the
 #: 5-stage loop) and keep the plain gather too.
 GATHER_AHEAD_ENABLED = True
+#: paged5d caches read in their memory order (`_attend_step`'s PAGE_ORDER); the benchmarks switch it
+#: off to compare (clear `_PLANS` after)
+PAGE_ORDER_ENABLED = True
+#: launches with page-run value masks capped at the registers their programs per SM leave (see
+#: `_build_plan`); the benchmarks switch it off to compare (clear `_PLANS` after)
+REGISTER_CAP_ENABLED = True
 
 
 def _merge_shape(group: int, rows: int, head_v_pad: int, num_splits: int, warps: int) -> tuple:
@@ -525,6 +588,13 @@ def _v_widen(device: torch.device, kv_cache_dtype: str) -> int:
     if _capability(device) < (8, 9):
         return 0
     return 2 if kv_cache_dtype == "fp8_e5m2" else 1
+
+
+def _register_cap(warps: int, programs_per_sm: int):
+    """Registers per thread that let `programs_per_sm` programs of `warps` warps share an SM's 64K
+    (a multiple of 8, ptxas's allocation unit); None when that is no cap (>= 255)."""
+    cap = 65536 // (programs_per_sm * warps * 32) // 8 * 8
+    return cap if cap < 255 else None
 
 
 def _sm_count(device: torch.device) -> int:
@@ -618,7 +688,7 @@ class _Plan:
     __slots__ = ("grid", "ints", "consts", "warps", "stages", "splits", "rgrid", "rints", "rconsts",
                  "part_acc", "part_max", "part_sum", "part_addrs", "out_shape", "fp8", "dummy",
                  "device_index", "direct", "rdirect", "tail", "rtail", "pdl", "dummy_addrs", "arrivals",
-                 "merges")
+                 "merges", "maxnreg")
 
 
 def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
@@ -754,10 +824,16 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         fused,
         *_merge_shape(group, rows, head_v_pad, num_splits, warps),
         GATHER_AHEAD_ENABLED and not fp8 and num_splits > 1,
+        bool(PAGE_ORDER_ENABLED and ks.x > 0 and ks.dim_lo == 1 and v_run > 1 and vs.dim_lo % v_run == 0),
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
     plan.warps, plan.stages = warps, stages
+    # The peeled last step of page-run value masks (V_RUN > 1, `_attend_step`'s ZERO_TAIL) loads its tiles
+    # into registers outside the pipelined loop, and ptxas then sized the whole kernel for it (Triton
+    # 3.9, sm_90: 168 registers, 3 programs per SM instead of 4). Capped at what `per_sm` programs
+    # leave, it keeps the loop as it was and spills a few pointers around it.
+    plan.maxnreg = _register_cap(warps, per_sm) if v_run > 1 and REGISTER_CAP_ENABLED else None
     # a 1-element float32 stand-in for unused pointer arguments (scales without FP8, partials without splits)
     plan.dummy = torch.zeros(1, dtype=torch.float32, device=device)
     plan.dummy_addrs = (plan.dummy.data_ptr(),) * 2  # the scale pointers of 16-bit caches
@@ -918,13 +994,13 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
         kc, vc = as_cache_dtype(kc, kv_cache_dtype), as_cache_dtype(vc, kv_cache_dtype)
     ptrs = (query, kc, vc, block_tables, seq_lens, ks, vs, out, plan.part_acc, plan.part_max, plan.part_sum,
             plan.arrivals)
-    _DECODE(plan.grid, ptrs, plan.ints, plan.consts, plan.warps, plan.stages)
+    _DECODE(plan.grid, ptrs, plan.ints, plan.consts, plan.warps, plan.stages, maxnreg=plan.maxnreg)
     rptrs = (plan.part_acc, plan.part_max, plan.part_sum, seq_lens, vs, out)
     if plan.merges:
         _REDUCE(plan.rgrid, rptrs, plan.rints, plan.rconsts, 4, 1, launch_pdl=plan.pdl)
     if plan.direct is None and query.is_cuda and not interpreting() and not any(p.data_ptr() & 15 for p in ptrs):
         plan.direct = compiled_handle(_paged_decode_kernel, plan.grid, ptrs, plan.ints, plan.consts, plan.warps,
-                                       plan.stages)
+                                       plan.stages, maxnreg=plan.maxnreg)
         if plan.direct and plan.merges:
             plan.rdirect = compiled_handle(_paged_decode_reduce_kernel, plan.rgrid, rptrs, plan.rints,
                                             plan.rconsts, 4, 1, launch_pdl=plan.pdl)

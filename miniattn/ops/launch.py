@@ -61,8 +61,9 @@ class Launcher:
         self._compiled: dict = {}
 
     def __call__(self, grid: tuple, ptrs: tuple, ints: tuple, consts: tuple, num_warps: int, num_stages: int = 1,
-                 launch_pdl: bool = False):
-        """`launch_pdl`: programmatic dependent launch (CUDA only; the kernel must `gdc_wait` first)."""
+                 launch_pdl: bool = False, maxnreg: int | None = None):
+        """`launch_pdl`: programmatic dependent launch (CUDA only; the kernel must `gdc_wait` first).
+        `maxnreg`: a cap on registers per thread (ptxas spills above it)."""
         dev = ptrs[0].device
         if dev.type != "cuda":
             self.kernel[grid](*ptrs, *ints, *consts, num_warps=num_warps, num_stages=num_stages)
@@ -70,10 +71,11 @@ class Launcher:
         align = 0
         for p in ptrs:
             align = (align << 1) | (p.data_ptr() & 15 == 0)
-        key = (dev.index, align, ints, consts, num_warps, num_stages, launch_pdl, tuple(p.dtype for p in ptrs))
+        key = (dev.index, align, ints, consts, num_warps, num_stages, launch_pdl, maxnreg,
+               tuple(p.dtype for p in ptrs))
         hit = self._compiled.get(key)
         if hit is None or hooks_installed():
-            opts = {"launch_pdl": True} if launch_pdl else {}
+            opts = _options(launch_pdl, maxnreg)
             compiled = self.kernel[grid](*ptrs, *ints, *consts, num_warps=num_warps, num_stages=num_stages, **opts)
             if hit is None and compiled is not None and hasattr(compiled, "run"):
                 self._compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata)
@@ -85,7 +87,14 @@ class Launcher:
         run(grid[0], g1, g2, stream, function, metadata, None, None, None, *ptrs, *ints, *consts)
 
 
-def compiled_handle(kernel, grid, ptrs, ints, consts, num_warps, num_stages=1, launch_pdl=False):
+def _options(launch_pdl: bool, maxnreg) -> dict:
+    opts = {"launch_pdl": True} if launch_pdl else {}
+    if maxnreg is not None:
+        opts["maxnreg"] = maxnreg
+    return opts
+
+
+def compiled_handle(kernel, grid, ptrs, ints, consts, num_warps, num_stages=1, launch_pdl=False, maxnreg=None):
     """A launch function for `kernel` as compiled for these arguments, or False.
 
     For raw-address launches on a hot path: ``fn(g0, g1, g2, stream, *addresses, *ints, *consts)``.
@@ -94,7 +103,7 @@ def compiled_handle(kernel, grid, ptrs, ints, consts, num_warps, num_stages=1, l
     the same ints/consts and 16-byte aligned pointers, and not while launch hooks are installed.
     """
     try:
-        opts = {"launch_pdl": True} if launch_pdl else {}
+        opts = _options(launch_pdl, maxnreg)
         k = kernel.warmup(*ptrs, *ints, *consts, grid=grid, num_warps=num_warps, num_stages=num_stages, **opts)
         run = k.run  # first: this loads the module, which sets `function`
         function, metadata = k.function, k.packed_metadata
