@@ -176,8 +176,8 @@ if triton_available():
         PAGE_ORDER (paged5d): keys and values are read in the cache's own order, [D/x, tokens, x] keys and
         [pages, D, tokens] values, and permuted to [D, tokens] / [tokens, D] on chip: every 8 lanes of a warp
         then read one whole 128-byte line and the L2 gets 4-sector requests, where the [tokens, D] tiles
-        had lanes on 16-byte pieces of 8-16 different lines (1 sector per request, H200 ncu:
-        b64 x 4096 415 -> 282 µs). Their loads mask whole page runs (per-lane masks split requests too),
+        had lanes on 16-byte pieces of 8-16 different lines (1 sector per request; H200, b64 x 4096 bf16
+        409 -> 283 µs, FP8 273 -> 150). Both loads mask whole page runs (one predicate per page's lanes),
         so the last page's slots past `end` are read: the scores' mask removes those keys, and ZERO_TAIL
         (the last, partial step only) zeroes those values, since p = 0 times a garbage inf/NaN is NaN. The
         zeroing takes the values through registers and shared memory again, so full steps skip it."""
