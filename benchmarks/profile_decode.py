@@ -9,6 +9,7 @@ Each configuration is called 3 times (compilation, the Launcher path, the raw-ad
 """
 
 import argparse
+import ast
 import os
 import sys
 
@@ -38,7 +39,7 @@ def main():
         name, _, val = item.partition("=")
         if not hasattr(decode_mod, name):
             p.error(f"--set: miniattn.ops.decode has no setting {name!r}")
-        setattr(decode_mod, name, type(getattr(decode_mod, name))(eval(val, {})))
+        setattr(decode_mod, name, type(getattr(decode_mod, name))(ast.literal_eval(val)))
     bs, mb = a.block_size, -(-a.ctx // a.block_size)
     nb = a.batch * mb
     k = torch.randn(nb, bs, a.num_kv_heads, a.head_size, dtype=torch.bfloat16, device="cuda")

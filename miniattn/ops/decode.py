@@ -111,6 +111,15 @@ if triton_available():
         return t0 + offs_n
 
     @triton.jit
+    def _step_ids(bt_row_ptr, bt_stride_p, t0, lim, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  V_RUN: tl.constexpr):
+        """Block ids ([BLOCK_N] int32) of the step starting at token t0, 0 where the token's masking run
+        starts at or past `lim`."""
+        offs_n = tl.arange(0, BLOCK_N)
+        return tl.load(bt_row_ptr + ((t0 + offs_n) // BLOCK_SIZE) * bt_stride_p,
+                       mask=_run_start(t0, offs_n, V_RUN) < lim, other=0)
+
+    @triton.jit
     def _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, kvh, row0, seq_len,
                       split_len, num_q_heads, o_stride_b, o_stride_h, o_stride_d,
                       HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, GROUP: tl.constexpr,
@@ -372,9 +381,8 @@ if triton_available():
         if GATHER_AHEAD:  # the first step's ids: guessed right, this gather loads nothing
             hit = start == guess
             lim = tl.where(hit, 0, end)  # a limit, not `mask & scalar` (the interpreter rejects that)
-            blk_next = tl.load(bt_row_ptr + ((start + offs_n) // BLOCK_SIZE) * bt_stride_p,
-                               mask=_run_start(start, offs_n, V_RUN) < lim, other=0)
-            blk_next = tl.where(hit, guess_blk, blk_next)
+            blk_next = tl.where(hit, guess_blk, _step_ids(bt_row_ptr, bt_stride_p, start, lim, BLOCK_SIZE, BLOCK_N,
+                                                          V_RUN))
         if V_RUN > 1:  # values masked by whole page runs: a partial last step, which zeroes them, runs on its own
             loop_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
         else:
@@ -382,11 +390,9 @@ if triton_available():
         for t0 in range(start, loop_end, BLOCK_N):
             if GATHER_AHEAD:  # this step's ids arrived during the last step; the next step's go out now
                 blk = blk_next.to(tl.int64)
-                blk_next = tl.load(bt_row_ptr + ((t0 + BLOCK_N + offs_n) // BLOCK_SIZE) * bt_stride_p,
-                                   mask=_run_start(t0, offs_n, V_RUN) + BLOCK_N < end, other=0)
+                blk_next = _step_ids(bt_row_ptr, bt_stride_p, t0 + BLOCK_N, end, BLOCK_SIZE, BLOCK_N, V_RUN)
             else:
-                blk = tl.load(bt_row_ptr + ((t0 + offs_n) // BLOCK_SIZE) * bt_stride_p,
-                              mask=_run_start(t0, offs_n, V_RUN) < end, other=0).to(tl.int64)
+                blk = _step_ids(bt_row_ptr, bt_stride_p, t0, end, BLOCK_SIZE, BLOCK_N, V_RUN).to(tl.int64)
             m_i, l_i, acc = _attend_step(
                 q, m_i, l_i, acc, t0, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off, dk_ok, dv_ok,
                 k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot, v_stride_d,
@@ -397,8 +403,7 @@ if triton_available():
                 if GATHER_AHEAD:
                     blk = blk_next.to(tl.int64)
                 else:
-                    blk = tl.load(bt_row_ptr + ((loop_end + offs_n) // BLOCK_SIZE) * bt_stride_p,
-                                  mask=_run_start(loop_end, offs_n, V_RUN) < end, other=0).to(tl.int64)
+                    blk = _step_ids(bt_row_ptr, bt_stride_p, loop_end, end, BLOCK_SIZE, BLOCK_N, V_RUN).to(tl.int64)
                 m_i, l_i, acc = _attend_step(
                     q, m_i, l_i, acc, loop_end, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off,
                     dk_ok, dv_ok, k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot,
