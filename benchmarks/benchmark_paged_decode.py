@@ -347,10 +347,9 @@ def _tune_experiments():
     back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
     allocation order instead of through the random table; "_skip_merge": True launches the main
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
-    Each tuning round replaces this set with its question (the set here, s8r3: paged5d read in its
-    memory order against the generic order, auto and FP8, the register cap off once, NHD alongside,
-    and rows ending inside a step, where the peeled last step runs);
-    earlier rounds' sets are in git history and their results in
+    Each tuning round replaces this set with its question (the set here, s9r4: scores as k q^T and
+    the output as v^T p^T (SWAP_AB) for FP8 on / off, the keys' token offsets shared with the values
+    (KV_SAME) on / off, two alternating rounds); earlier rounds' sets are in git history and their results in
     results/paged_decode_tune_*.json (s6r1: evict-first key/value loads, no change; s6r2: random
     against sequential tables; s6r3: the merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level
     fused merge above 16 pieces, slower by 1-3.6 µs, reverted; s6r5: the first step's block ids
@@ -360,15 +359,16 @@ def _tune_experiments():
     piece, -0.2 µs at b16 x 512 / 4096, adopted for 16-bit caches; s7r4: each step gathers the next
     step's block ids, -0.4 to -0.8 µs at split points, within 0.5% without splits; s7r5: that rule
     against the plain gather, two rounds; s8r1 / s8r2: paged5d keys, then values, read in memory
-    order, and what zeroing the values in every step costs; b1 x 4096 at 8-64 fused pieces)."""
+    order, and what zeroing the values in every step costs; b1 x 4096 at 8-64 fused pieces; s8r3 /
+    s8r4: paged5d page order on / off, the register cap off, rows ending inside a step; s9r1: b16 x
+    4096 with 1-2 pieces single-buffered, b1 x 16384 configs, FP8 NHD / HND / paged5d: no gain; s9r2:
+    b16 x 4096 unsplit with double-buffered tiles as cuDNN's SDPA kernel runs it: equal, no gain;
+    s9r3: block offsets by an inline-PTX mul.wide: Triton 3.6 then stops pipelining the copies, 3x slower)."""
     exps = []
-    for b, c in [(16, 4096), (64, 4096), (128, 4096), (1, 16384), (64, 512)]:
-        for cdt in ("auto", "fp8"):
-            exps += [(b, c, cdt, "paged5d", None, None, {"PAGE_ORDER_ENABLED": po}) for po in (True, False)]
-        exps.append((b, c, "auto", "paged5d", None, None, {"REGISTER_CAP_ENABLED": False}))
-        exps.append((b, c, "auto", "NHD", None, None, {}))
-    for b, c in [(16, 4101), (64, 4101)]:  # a partial last step: the peeled one runs
-        exps += [(b, c, "auto", lay, None, None, {}) for lay in ("paged5d", "NHD")]
+    for b, c in [(1, 512), (1, 16384), (16, 4096), (64, 4096), (128, 4096)]:
+        for _ in range(2):  # two alternating rounds
+            exps += [(b, c, "fp8", "NHD", None, None, k) for k in ({}, {"SWAP_AB_FP8": False})]
+            exps += [(b, c, "auto", "NHD", None, None, k) for k in ({}, {"KV_SAME_ENABLED": False})]
     return exps
 
 

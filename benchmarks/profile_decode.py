@@ -2,7 +2,8 @@
 
     ncu --kernel-name regex:_paged_decode_kernel --launch-skip 2 --launch-count 1 \\
         --section WarpStateStats python benchmarks/profile_decode.py --batch 128 --ctx 4096 --fp8
-    (--layout paged5d for another layout, --set NAME=VALUE for a decode module setting)
+    (--layout paged5d for another layout, --set NAME=VALUE for a decode module setting, --num-splits /
+    --config BLOCK_N,WARPS,STAGES to force a split count / launch config)
 
 Each configuration is called 3 times (compilation, the Launcher path, the raw-address path), so
 `--launch-skip 2 --launch-count 1` picks the hot path's launch of the first one.
@@ -32,6 +33,9 @@ def main():
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--layout", default="NHD", choices=["NHD", "HND", "paged5d"])
+    p.add_argument("--num-splits", type=int, default=None, help="force the split count")
+    p.add_argument("--config", default=None, metavar="BLOCK_N,WARPS,STAGES",
+                   help="launch config instead of decode_launch_config's, e.g. 128,4,3")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a decode module setting for this run, e.g. --set GATHER_AHEAD_ENABLED=False")
     a = p.parse_args()
@@ -40,6 +44,9 @@ def main():
         if not hasattr(decode_mod, name):
             p.error(f"--set: miniattn.ops.decode has no setting {name!r}")
         setattr(decode_mod, name, type(getattr(decode_mod, name))(ast.literal_eval(val)))
+    if a.config:
+        cfg = tuple(int(x) for x in a.config.split(",")) + (4,)
+        decode_mod.decode_launch_config = lambda *args: cfg
     bs, mb = a.block_size, -(-a.ctx // a.block_size)
     nb = a.batch * mb
     k = torch.randn(nb, bs, a.num_kv_heads, a.head_size, dtype=torch.bfloat16, device="cuda")
@@ -55,7 +62,7 @@ def main():
     if a.layout != "NHD":
         k, v = from_nhd(a.layout, k, v)
     for _ in range(3):
-        paged_decode_attention(q, k, v, bt, sl, kv_layout=a.layout, **extra)
+        paged_decode_attention(q, k, v, bt, sl, kv_layout=a.layout, num_splits=a.num_splits, **extra)
     torch.cuda.synchronize()
 
 

@@ -202,7 +202,7 @@ def test_unwritten_slots_poisoned(monkeypatch, layout, kv_cache_dtype):
             monkeypatch.setattr(decode_mod, "_PLANS", {})
             out = paged_decode_attention(**case, num_splits=n)
             (plan,) = decode_mod._PLANS.values()
-            assert plan.consts[-2] == (order and layout == "paged5d")  # PAGE_ORDER
+            assert plan.consts[-3] == (order and layout == "paged5d")  # PAGE_ORDER
             assert rel_err(out, ref) <= (2e-2 if extra else 1e-2)
             assert (out[3] == 0).all()
 

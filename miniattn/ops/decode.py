@@ -62,6 +62,13 @@ _MAX_ROWS = 64  # q rows one program holds; larger GQA groups are cut into row c
 #: 16-bit ones read at the memory's pace and do not (b128 x 4096 488.9 -> 510.4).
 MIN_ROWS = 16
 MIN_ROWS_FP8 = 4
+#: with SWAP_AB the q rows are the MMA's N (8 in hardware; Triton pads smaller ones)
+MIN_ROWS_SWAP = 4
+#: FP8 caches: scores computed as k q^T and the output as v^T p^T (`_attend_step`'s SWAP_AB);
+#: SWAP_AB_16BIT the same for 16-bit caches (off: slower there). The benchmarks switch them to
+#: compare (clear `_PLANS` after).
+SWAP_AB_FP8 = True
+SWAP_AB_16BIT = False
 
 if triton_available():
     import triton
@@ -118,6 +125,32 @@ if triton_available():
         offs_n = tl.arange(0, BLOCK_N)
         return tl.load(bt_row_ptr + ((t0 + offs_n) // BLOCK_SIZE) * bt_stride_p,
                        mask=_run_start(t0, offs_n, V_RUN) < lim, other=0)
+
+    @triton.jit
+    def _tok_off(blk, t0, stride_block, stride_slot, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ALIGN: tl.constexpr, RUN: tl.constexpr):
+        """Element offsets ([BLOCK_N] int64) of the tokens t0 .. t0 + BLOCK_N of one head: block id x the block
+        stride + slot x the slot stride, where `blk` holds the int32 block ids and t0 is a multiple of BLOCK_N
+        (every step starts at one). When pages tile the step, the slot term is the same in every step and
+        leaves the loop: ~100 of the 16-bit loop's ~550 sm_90 instructions per step were the per-token
+        `t % BLOCK_SIZE` and its products (Triton 3.6 SASS; see `_attend_step` for the rest).
+
+        The hints (every offset a multiple of ALIGN; RUN > 1: runs of RUN contiguous tokens, paged5d values)
+        are applied here: Triton drops a `multiple_of` put on a jit function's result when it inlines the
+        call (paged5d keys, whose slot stride x = 8 is not known to divide 16, lost their 16-byte copies)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        if BLOCK_N % BLOCK_SIZE == 0:
+            slot = offs_n % BLOCK_SIZE
+        elif BLOCK_SIZE % BLOCK_N == 0:
+            slot = t0 % BLOCK_SIZE + offs_n
+        else:
+            slot = (t0 + offs_n) % BLOCK_SIZE
+        off = blk.to(tl.int64) * stride_block + slot * stride_slot
+        if RUN > 1:
+            off = tl.max_contiguous(tl.multiple_of(off, RUN), RUN)
+        elif ALIGN > 1:
+            off = tl.multiple_of(off, ALIGN)
+        return off
 
     @triton.jit
     def _merge_pieces(part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, out_ptr, b, kvh, row0, seq_len,
@@ -177,10 +210,12 @@ if triton_available():
                      dv_ok, k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot, v_stride_d,
                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_K: tl.constexpr, HEAD_K_PAD: tl.constexpr,
                      HEAD_V_PAD: tl.constexpr, KEY_X: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-                     V_RUN: tl.constexpr, PAGE_ORDER: tl.constexpr, FP8: tl.constexpr, DOT_F32: tl.constexpr,
-                     IEEE: tl.constexpr, V_WIDEN: tl.constexpr, ZERO_TAIL: tl.constexpr):
+                     V_RUN: tl.constexpr, KV_SAME: tl.constexpr, PAGE_ORDER: tl.constexpr,
+                     FP8: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, V_WIDEN: tl.constexpr,
+                     SWAP_AB: tl.constexpr, ZERO_TAIL: tl.constexpr):
         """One loop step of the online softmax: the tokens t0 .. t0 + BLOCK_N (those < end) of one kv head,
-        whose block ids are `blk` ([BLOCK_N] int64), folded into (m_i, l_i, acc).
+        whose block ids are `blk` ([BLOCK_N] int32), folded into (m_i, l_i, acc). KV_SAME: the value cache has
+        the key cache's block and slot strides, so the keys' token offsets serve both.
 
         PAGE_ORDER (paged5d): keys and values are read in the cache's own order, [D/x, tokens, x] keys and
         [pages, D, tokens] values, and permuted to [D, tokens] / [tokens, D] on chip: every 8 lanes of a warp
@@ -194,10 +229,7 @@ if triton_available():
         t = t0 + offs_n
         t_ok = t < end
         run_ok = _run_start(t0, offs_n, V_RUN) < end
-        slot = t % BLOCK_SIZE
-        k_tok = blk * k_stride_block + slot * k_stride_slot
-        if K_ALIGN > 1:
-            k_tok = tl.multiple_of(k_tok, K_ALIGN)
+        k_tok = _tok_off(blk, t0, k_stride_block, k_stride_slot, BLOCK_SIZE, BLOCK_N, K_ALIGN, 1)
         if PAGE_ORDER:
             kc = tl.arange(0, HEAD_K_PAD // KEY_X)
             k3 = tl.load(k_head_ptr + (kc * k_stride_dhi)[:, None, None] + k_tok[None, :, None]
@@ -209,34 +241,38 @@ if triton_available():
                                   mask=t_ok[:, None] & dk_ok[None, :], other=0.0))  # [HEAD_K_PAD, BLOCK_N]
         if FP8:  # keys: Triton's conversion is already cheap (no transpose: d is their reduction dim)
             kt = kt.to(q.dtype)
-        if DOT_F32:
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32))
-        elif IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
+        if SWAP_AB:  # s^T = k q^T: [BLOCK_N, ROWS], tokens along the MMA's M (q holds q^T here)
+            s = _dot(tl.trans(kt), q, DOT_F32, IEEE)
+            s = s * scale
+            s = tl.where(t_ok[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(p, 0)
         else:
-            s = tl.dot(q, kt)
-        s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
-        s = tl.where(t_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+            s = _dot(q, kt, DOT_F32, IEEE)
+            s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
 
         if PAGE_ORDER:
             PAGES: tl.constexpr = BLOCK_N // V_RUN
             page_t = t0 + tl.arange(0, PAGES) * V_RUN  # first token of each run
             page_blk = tl.max(tl.reshape(blk, (PAGES, V_RUN)), 1)  # the run's block id (one per run)
-            page_off = tl.multiple_of(page_blk * v_stride_block + (page_t % BLOCK_SIZE) * v_stride_slot, V_RUN)
+            page_off = tl.multiple_of(page_blk.to(tl.int64) * v_stride_block + (page_t % BLOCK_SIZE) * v_stride_slot,
+                                      V_RUN)
             v3 = tl.load(v_head_ptr + page_off[:, None, None] + tl.multiple_of(v_dim_off, V_RUN)[None, :, None]
                          + tl.arange(0, V_RUN)[None, None, :],
                          mask=(page_t < end)[:, None, None] & dv_ok[None, :, None], other=0.0)  # [PAGES, D, RUN]
             v = tl.reshape(tl.permute(v3, (0, 2, 1)), (BLOCK_N, HEAD_V_PAD))
         else:
-            v_tok = blk * v_stride_block + slot * v_stride_slot
-            if V_RUN > 1:
-                v_tok = tl.max_contiguous(tl.multiple_of(v_tok, V_RUN), V_RUN)
-            elif V_ALIGN > 1:
-                v_tok = tl.multiple_of(v_tok, V_ALIGN)
+            if KV_SAME:  # (V_RUN is 1 then, and K_ALIGN divides the same strides)
+                v_tok = k_tok
+            else:
+                v_tok = _tok_off(blk, t0, v_stride_block, v_stride_slot, BLOCK_SIZE, BLOCK_N, V_ALIGN, V_RUN)
             v = tl.load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :],
                         mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
         if FP8:
@@ -246,13 +282,21 @@ if triton_available():
                 v = v.to(q.dtype)
         if ZERO_TAIL:
             v = tl.where(t_ok[:, None], v, 0.0)
-        if DOT_F32:
-            pv = tl.dot(p.to(q.dtype).to(tl.float32), v.to(tl.float32))
-        elif IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
+        p = p if IEEE else p.to(q.dtype)
+        if SWAP_AB:  # acc^T [HEAD_V_PAD, ROWS] += v^T p^T
+            acc = acc * alpha[None, :] + _dot(tl.trans(v), p, DOT_F32, IEEE)
         else:
-            pv = tl.dot(p.to(q.dtype), v)
-        return m_new, l_i, acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, IEEE)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _dot(a, b, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+        """a @ b in fp32: widened first under the interpreter (DOT_F32), exact for float32 inputs (IEEE)."""
+        if DOT_F32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        elif IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
 
     @triton.jit
     def _paged_decode_kernel(
@@ -305,7 +349,9 @@ if triton_available():
         MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
         SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
         GATHER_AHEAD: tl.constexpr,  # block ids gathered a step ahead, the first step's on a guess
+        KV_SAME: tl.constexpr,  # values share the keys' token offsets (same block / slot strides, V_RUN 1)
         PAGE_ORDER: tl.constexpr,  # paged5d keys / values read in their memory order (`_attend_step`)
+        SWAP_AB: tl.constexpr,  # scores as k q^T, output as v^T p^T: tokens / d along the MMA's M (see _build_plan)
         V_WIDEN: tl.constexpr,  # FP8 values: 0 Triton's conversion, 1 / 2 `_widen_fp8_pinned` e4m3 / e5m2
     ):
         if PDL:  # let the merge kernel's programs be scheduled now; they wait for this grid's end
@@ -357,6 +403,8 @@ if triton_available():
             # FP8 caches are widened to fp16 (one cvt per two elements; bf16 would need two more),
             # so the dots run in fp16: queries are clamped to its range
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        if SWAP_AB:
+            q = tl.trans(q)  # [HEAD_K_PAD, ROWS]
 
         scale = qk_scale
         if FP8:
@@ -376,7 +424,10 @@ if triton_available():
 
         m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([ROWS], dtype=tl.float32)
-        acc = tl.zeros([ROWS, HEAD_V_PAD], dtype=tl.float32)
+        if SWAP_AB:
+            acc = tl.zeros([HEAD_V_PAD, ROWS], dtype=tl.float32)
+        else:
+            acc = tl.zeros([ROWS, HEAD_V_PAD], dtype=tl.float32)
 
         if GATHER_AHEAD:  # the first step's ids: guessed right, this gather loads nothing
             hit = start == guess
@@ -389,27 +440,29 @@ if triton_available():
             loop_end = end
         for t0 in range(start, loop_end, BLOCK_N):
             if GATHER_AHEAD:  # this step's ids arrived during the last step; the next step's go out now
-                blk = blk_next.to(tl.int64)
+                blk = blk_next
                 blk_next = _step_ids(bt_row_ptr, bt_stride_p, t0 + BLOCK_N, end, BLOCK_SIZE, BLOCK_N, V_RUN)
             else:
-                blk = _step_ids(bt_row_ptr, bt_stride_p, t0, end, BLOCK_SIZE, BLOCK_N, V_RUN).to(tl.int64)
+                blk = _step_ids(bt_row_ptr, bt_stride_p, t0, end, BLOCK_SIZE, BLOCK_N, V_RUN)
             m_i, l_i, acc = _attend_step(
                 q, m_i, l_i, acc, t0, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off, dk_ok, dv_ok,
                 k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot, v_stride_d,
-                BLOCK_SIZE, BLOCK_N, HEAD_K, HEAD_K_PAD, HEAD_V_PAD, KEY_X, K_ALIGN, V_ALIGN, V_RUN, PAGE_ORDER,
-                FP8, DOT_F32, IEEE, V_WIDEN, False)
+                BLOCK_SIZE, BLOCK_N, HEAD_K, HEAD_K_PAD, HEAD_V_PAD, KEY_X, K_ALIGN, V_ALIGN, V_RUN, KV_SAME,
+                PAGE_ORDER, FP8, DOT_F32, IEEE, V_WIDEN, SWAP_AB, False)
         if V_RUN > 1:
             if loop_end < end:
                 if GATHER_AHEAD:
-                    blk = blk_next.to(tl.int64)
+                    blk = blk_next
                 else:
-                    blk = _step_ids(bt_row_ptr, bt_stride_p, loop_end, end, BLOCK_SIZE, BLOCK_N, V_RUN).to(tl.int64)
+                    blk = _step_ids(bt_row_ptr, bt_stride_p, loop_end, end, BLOCK_SIZE, BLOCK_N, V_RUN)
                 m_i, l_i, acc = _attend_step(
                     q, m_i, l_i, acc, loop_end, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off,
                     dk_ok, dv_ok, k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot,
                     v_stride_d, BLOCK_SIZE, BLOCK_N, HEAD_K, HEAD_K_PAD, HEAD_V_PAD, KEY_X, K_ALIGN, V_ALIGN, V_RUN,
-                    PAGE_ORDER, FP8, DOT_F32, IEEE, V_WIDEN, True)
+                    KV_SAME, PAGE_ORDER, FP8, DOT_F32, IEEE, V_WIDEN, SWAP_AB, True)
 
+        if SWAP_AB:
+            acc = tl.trans(acc)  # [ROWS, HEAD_V_PAD]
         if NUM_SPLITS == 1:
             inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0: acc is 0 -> zeros, never NaN
             if FP8:
@@ -561,6 +614,8 @@ FUSED_MERGE_MAX_SPLITS = 16
 #: programs lost with the early gather (b1 x 16384 22.3 -> 23.8: the ids stay live through the
 #: 5-stage loop) and keep the plain gather too.
 GATHER_AHEAD_ENABLED = True
+#: the gather ahead for every launch (unsplit ones and FP8 too): a tuning probe, off by default
+GATHER_AHEAD_ALWAYS = False
 #: paged5d caches read in their memory order (`_attend_step`'s PAGE_ORDER); the benchmarks switch it
 #: off to compare (clear `_PLANS` after)
 PAGE_ORDER_ENABLED = True
@@ -593,6 +648,11 @@ def _v_widen(device: torch.device, kv_cache_dtype: str) -> int:
     if _capability(device) < (8, 9):
         return 0
     return 2 if kv_cache_dtype == "fp8_e5m2" else 1
+
+
+#: token offsets computed once for keys and values when their strides agree (`_attend_step`'s
+#: KV_SAME); the benchmarks switch it off to compare (clear `_PLANS` after)
+KV_SAME_ENABLED = True
 
 
 def _register_cap(warps: int, programs_per_sm: int):
@@ -777,7 +837,8 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     plan.direct = plan.rdirect = None  # raw-launch handles, taken after the first aligned call (False: none)
     plan.out_shape = (batch, num_q_heads, head_v)
     group = num_q_heads // num_kv_heads
-    rows = max(MIN_ROWS_FP8 if fp8 else MIN_ROWS, min(_next_pow2(group), _MAX_ROWS))
+    swap = SWAP_AB_FP8 if fp8 else SWAP_AB_16BIT
+    rows = max(MIN_ROWS_SWAP if swap else MIN_ROWS_FP8 if fp8 else MIN_ROWS, min(_next_pow2(group), _MAX_ROWS))
     row_chunks = -(-group // rows)
     sm_count = _sm_count(device)
     v_widen = _v_widen(device, kv_cache_dtype) if fp8 else 0
@@ -828,8 +889,10 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         plan.pdl,
         fused,
         *_merge_shape(group, rows, head_v_pad, num_splits, warps),
-        GATHER_AHEAD_ENABLED and not fp8 and num_splits > 1,
+        GATHER_AHEAD_ALWAYS or (GATHER_AHEAD_ENABLED and not fp8 and num_splits > 1),
+        bool(KV_SAME_ENABLED and v_run == 1 and (ks.block, ks.slot) == (vs.block, vs.slot)),
         bool(PAGE_ORDER_ENABLED and ks.x > 0 and ks.dim_lo == 1 and v_run > 1 and vs.dim_lo % v_run == 0),
+        swap,
         v_widen,
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
