@@ -209,13 +209,17 @@ def test_unwritten_slots_poisoned(monkeypatch, layout, kv_cache_dtype):
 
 def test_register_cap():
     """The cap lets programs_per_sm programs share an SM's 64K registers; paged5d launches (the
-    peeled last step) take it, the others none."""
+    peeled last step) take it, the others none, split or not."""
     assert decode_mod._register_cap(4, 4) == 128
     assert decode_mod._register_cap(4, 3) == 168
     assert decode_mod._register_cap(1, 8) is None and decode_mod._register_cap(4, 2) is None
     for layout in LAYOUTS:
         decode_mod._PLANS.clear()
         paged_decode_attention(**make_case(layout, 4, 1, 64, 16, (40,)))
+        (plan,) = decode_mod._PLANS.values()
+        assert plan.maxnreg == (128 if layout == "paged5d" else None)
+        decode_mod._PLANS.clear()
+        paged_decode_attention(**make_case(layout, 4, 1, 64, 16, (200,)), num_splits=2)
         (plan,) = decode_mod._PLANS.values()
         assert plan.maxnreg == (128 if layout == "paged5d" else None)
 

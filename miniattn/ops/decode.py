@@ -209,10 +209,10 @@ if triton_available():
     def _attend_step(q, m_i, l_i, acc, t0, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off, dk_ok,
                      dv_ok, k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot, v_stride_d,
                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_K: tl.constexpr, HEAD_K_PAD: tl.constexpr,
-                     HEAD_V_PAD: tl.constexpr, KEY_X: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-                     V_RUN: tl.constexpr, KV_SAME: tl.constexpr, PAGE_ORDER: tl.constexpr,
+                     HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, KEY_X: tl.constexpr, K_ALIGN: tl.constexpr,
+                     V_ALIGN: tl.constexpr, V_RUN: tl.constexpr, KV_SAME: tl.constexpr, PAGE_ORDER: tl.constexpr,
                      FP8: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, V_WIDEN: tl.constexpr,
-                     SWAP_AB: tl.constexpr, ZERO_TAIL: tl.constexpr):
+                     SWAP_AB: tl.constexpr, MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr):
         """One loop step of the online softmax: the tokens t0 .. t0 + BLOCK_N (those < end) of one kv head,
         whose block ids are `blk` ([BLOCK_N] int32), folded into (m_i, l_i, acc). KV_SAME: the value cache has
         the key cache's block and slot strides, so the keys' token offsets serve both.
@@ -224,7 +224,10 @@ if triton_available():
         409 -> 283 µs, FP8 273 -> 150). Both loads mask whole page runs (one predicate per page's lanes),
         so the last page's slots past `end` are read: the scores' mask removes those keys, and ZERO_TAIL
         (the last, partial step only) zeroes those values, since p = 0 times a garbage inf/NaN is NaN. The
-        zeroing takes the values through registers and shared memory again, so full steps skip it."""
+        zeroing takes the values through registers and shared memory again, so full steps skip it.
+
+        MASKED: the step may end past `end` (the peeled last step, or every step where the loop does not
+        peel); without it, no token mask at all: a full step's loads, scores and values are all valid."""
         offs_n = tl.arange(0, BLOCK_N)
         t = t0 + offs_n
         t_ok = t < end
@@ -232,19 +235,31 @@ if triton_available():
         k_tok = _tok_off(blk, t0, k_stride_block, k_stride_slot, BLOCK_SIZE, BLOCK_N, K_ALIGN, 1)
         if PAGE_ORDER:
             kc = tl.arange(0, HEAD_K_PAD // KEY_X)
-            k3 = tl.load(k_head_ptr + (kc * k_stride_dhi)[:, None, None] + k_tok[None, :, None]
-                         + tl.arange(0, KEY_X)[None, None, :],
-                         mask=(kc * KEY_X < HEAD_K)[:, None, None] & run_ok[None, :, None], other=0.0)
+            k_ptrs = (k_head_ptr + (kc * k_stride_dhi)[:, None, None] + k_tok[None, :, None]
+                      + tl.arange(0, KEY_X)[None, None, :])
+            if MASKED:
+                k3 = tl.load(k_ptrs, mask=(kc * KEY_X < HEAD_K)[:, None, None] & run_ok[None, :, None], other=0.0)
+            elif HEAD_K < HEAD_K_PAD:
+                k3 = tl.load(k_ptrs, mask=(kc * KEY_X < HEAD_K)[:, None, None], other=0.0)
+            else:
+                k3 = tl.load(k_ptrs)
             kt = tl.reshape(tl.permute(k3, (0, 2, 1)), (HEAD_K_PAD, BLOCK_N))  # [D/x, N, x] -> [D, N]
         else:
-            kt = tl.trans(tl.load(k_head_ptr + k_tok[:, None] + k_dim_off[None, :],
-                                  mask=t_ok[:, None] & dk_ok[None, :], other=0.0))  # [HEAD_K_PAD, BLOCK_N]
+            k_ptrs = k_head_ptr + k_tok[:, None] + k_dim_off[None, :]
+            if MASKED:
+                k = tl.load(k_ptrs, mask=t_ok[:, None] & dk_ok[None, :], other=0.0)
+            elif HEAD_K < HEAD_K_PAD:
+                k = tl.load(k_ptrs, mask=dk_ok[None, :], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+            kt = tl.trans(k)  # [HEAD_K_PAD, BLOCK_N]
         if FP8:  # keys: Triton's conversion is already cheap (no transpose: d is their reduction dim)
             kt = kt.to(q.dtype)
         if SWAP_AB:  # s^T = k q^T: [BLOCK_N, ROWS], tokens along the MMA's M (q holds q^T here)
             s = _dot(tl.trans(kt), q, DOT_F32, IEEE)
             s = s * scale
-            s = tl.where(t_ok[:, None], s, float("-inf"))
+            if MASKED:
+                s = tl.where(t_ok[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[None, :])
@@ -252,7 +267,8 @@ if triton_available():
         else:
             s = _dot(q, kt, DOT_F32, IEEE)
             s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
-            s = tl.where(t_ok[None, :], s, float("-inf"))
+            if MASKED:
+                s = tl.where(t_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -264,17 +280,27 @@ if triton_available():
             page_blk = tl.max(tl.reshape(blk, (PAGES, V_RUN)), 1)  # the run's block id (one per run)
             page_off = tl.multiple_of(page_blk.to(tl.int64) * v_stride_block + (page_t % BLOCK_SIZE) * v_stride_slot,
                                       V_RUN)
-            v3 = tl.load(v_head_ptr + page_off[:, None, None] + tl.multiple_of(v_dim_off, V_RUN)[None, :, None]
-                         + tl.arange(0, V_RUN)[None, None, :],
-                         mask=(page_t < end)[:, None, None] & dv_ok[None, :, None], other=0.0)  # [PAGES, D, RUN]
+            v_ptrs = (v_head_ptr + page_off[:, None, None] + tl.multiple_of(v_dim_off, V_RUN)[None, :, None]
+                      + tl.arange(0, V_RUN)[None, None, :])
+            if MASKED:
+                v3 = tl.load(v_ptrs, mask=(page_t < end)[:, None, None] & dv_ok[None, :, None], other=0.0)
+            elif HEAD_V < HEAD_V_PAD:
+                v3 = tl.load(v_ptrs, mask=dv_ok[None, :, None], other=0.0)
+            else:
+                v3 = tl.load(v_ptrs)  # [PAGES, D, RUN]
             v = tl.reshape(tl.permute(v3, (0, 2, 1)), (BLOCK_N, HEAD_V_PAD))
         else:
             if KV_SAME:  # (V_RUN is 1 then, and K_ALIGN divides the same strides)
                 v_tok = k_tok
             else:
                 v_tok = _tok_off(blk, t0, v_stride_block, v_stride_slot, BLOCK_SIZE, BLOCK_N, V_ALIGN, V_RUN)
-            v = tl.load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :],
-                        mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
+            v_ptrs = v_head_ptr + v_tok[:, None] + v_dim_off[None, :]
+            if MASKED:
+                v = tl.load(v_ptrs, mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
+            elif HEAD_V < HEAD_V_PAD:
+                v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs)
         if FP8:
             if V_WIDEN:
                 v = _widen_fp8_pinned(v, V_WIDEN == 2)
@@ -349,6 +375,7 @@ if triton_available():
         MERGE_CHUNK: tl.constexpr,  # FUSED_MERGE: pieces merged per step
         SPLITS_PAD: tl.constexpr,  # FUSED_MERGE: next_pow2(NUM_SPLITS)
         GATHER_AHEAD: tl.constexpr,  # block ids gathered a step ahead, the first step's on a guess
+        PEEL: tl.constexpr,  # full steps unmasked, a partial last step peeled off (always when V_RUN > 1)
         KV_SAME: tl.constexpr,  # values share the keys' token offsets (same block / slot strides, V_RUN 1)
         PAGE_ORDER: tl.constexpr,  # paged5d keys / values read in their memory order (`_attend_step`)
         SWAP_AB: tl.constexpr,  # scores as k q^T, output as v^T p^T: tokens / d along the MMA's M (see _build_plan)
@@ -434,7 +461,7 @@ if triton_available():
             lim = tl.where(hit, 0, end)  # a limit, not `mask & scalar` (the interpreter rejects that)
             blk_next = tl.where(hit, guess_blk, _step_ids(bt_row_ptr, bt_stride_p, start, lim, BLOCK_SIZE, BLOCK_N,
                                                           V_RUN))
-        if V_RUN > 1:  # values masked by whole page runs: a partial last step, which zeroes them, runs on its own
+        if PEEL:  # the loop runs the full steps, unmasked; a partial last step runs on its own, masked
             loop_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
         else:
             loop_end = end
@@ -447,9 +474,9 @@ if triton_available():
             m_i, l_i, acc = _attend_step(
                 q, m_i, l_i, acc, t0, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off, dk_ok, dv_ok,
                 k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot, v_stride_d,
-                BLOCK_SIZE, BLOCK_N, HEAD_K, HEAD_K_PAD, HEAD_V_PAD, KEY_X, K_ALIGN, V_ALIGN, V_RUN, KV_SAME,
-                PAGE_ORDER, FP8, DOT_F32, IEEE, V_WIDEN, SWAP_AB, False)
-        if V_RUN > 1:
+                BLOCK_SIZE, BLOCK_N, HEAD_K, HEAD_K_PAD, HEAD_V, HEAD_V_PAD, KEY_X, K_ALIGN, V_ALIGN, V_RUN,
+                KV_SAME, PAGE_ORDER, FP8, DOT_F32, IEEE, V_WIDEN, SWAP_AB, not PEEL, False)
+        if PEEL:
             if loop_end < end:
                 if GATHER_AHEAD:
                     blk = blk_next
@@ -458,8 +485,8 @@ if triton_available():
                 m_i, l_i, acc = _attend_step(
                     q, m_i, l_i, acc, loop_end, end, blk, scale, k_head_ptr, v_head_ptr, k_dim_off, v_dim_off,
                     dk_ok, dv_ok, k_stride_block, k_stride_slot, k_stride_dhi, v_stride_block, v_stride_slot,
-                    v_stride_d, BLOCK_SIZE, BLOCK_N, HEAD_K, HEAD_K_PAD, HEAD_V_PAD, KEY_X, K_ALIGN, V_ALIGN, V_RUN,
-                    KV_SAME, PAGE_ORDER, FP8, DOT_F32, IEEE, V_WIDEN, SWAP_AB, True)
+                    v_stride_d, BLOCK_SIZE, BLOCK_N, HEAD_K, HEAD_K_PAD, HEAD_V, HEAD_V_PAD, KEY_X, K_ALIGN, V_ALIGN,
+                    V_RUN, KV_SAME, PAGE_ORDER, FP8, DOT_F32, IEEE, V_WIDEN, SWAP_AB, True, V_RUN > 1)
 
         if SWAP_AB:
             acc = tl.trans(acc)  # [ROWS, HEAD_V_PAD]
@@ -653,6 +680,14 @@ def _v_widen(device: torch.device, kv_cache_dtype: str) -> int:
 #: token offsets computed once for keys and values when their strides agree (`_attend_step`'s
 #: KV_SAME); the benchmarks switch it off to compare (clear `_PLANS` after)
 KV_SAME_ENABLED = True
+#: the loop runs only full steps, with no token masks, and a partial last step runs on its own
+#: (`_attend_step`'s MASKED; always for page-run value masks, V_RUN > 1). Measured on an H200 against
+#: the masked loop, three trees alternating on one machine (benchmarks/README.md, session 9): FP8
+#: b128 x 4096 276.2 -> 272.9 µs, b64 x 16384 553.5 -> 541.5; unsplit 16-bit b128 x 4096 499.6 ->
+#: 497.5, b64 x 4096 256.8 -> 256.1. Split 16-bit launches (the gather ahead) lost with it (b16 x 4096
+#: 78.4 -> 78.7, b1 x 4096 15.8 -> 16.05: ptxas sized them for the peeled step, 150 registers, and
+#: capped at 128 they still ran slower), so they keep the masked loop.
+PEEL_ENABLED = True
 
 
 def _register_cap(warps: int, programs_per_sm: int):
@@ -870,6 +905,8 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     # GATHER_AHEAD's guess: the kernel's split_len (a piece rounded up to BLOCK_N) for a row as long as the bucket
     piece = -(-bucket // num_splits)
     guess_split_len = -(-piece // block_n) * block_n if num_splits > 1 else 0
+    gather_ahead = GATHER_AHEAD_ALWAYS or (GATHER_AHEAD_ENABLED and not fp8 and num_splits > 1)
+    peel = bool(v_run > 1 or (PEEL_ENABLED and not gather_ahead))
     plan.ints = (
         *query.stride(), *out_strides,
         *block_tables.stride(),
@@ -889,7 +926,8 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
         plan.pdl,
         fused,
         *_merge_shape(group, rows, head_v_pad, num_splits, warps),
-        GATHER_AHEAD_ALWAYS or (GATHER_AHEAD_ENABLED and not fp8 and num_splits > 1),
+        gather_ahead,
+        peel,
         bool(KV_SAME_ENABLED and v_run == 1 and (ks.block, ks.slot) == (vs.block, vs.slot)),
         bool(PAGE_ORDER_ENABLED and ks.x > 0 and ks.dim_lo == 1 and v_run > 1 and vs.dim_lo % v_run == 0),
         swap,
@@ -897,11 +935,13 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     )
     plan.grid = (num_splits, num_kv_heads * row_chunks, batch)
     plan.warps, plan.stages = warps, stages
-    # The peeled last step of page-run value masks (V_RUN > 1, `_attend_step`'s ZERO_TAIL) loads its tiles
-    # into registers outside the pipelined loop, and ptxas then sized the whole kernel for it (Triton
-    # 3.9, sm_90: 168 registers, 3 programs per SM instead of 4). Capped at what `per_sm` programs
-    # leave, it keeps the loop as it was and spills a few pointers around it.
-    plan.maxnreg = _register_cap(warps, per_sm) if v_run > 1 and REGISTER_CAP_ENABLED else None
+    # The peeled last step (PEEL) loads its tiles into registers outside the pipelined loop, and ptxas
+    # may then size the whole kernel for it: paged5d took 168 registers (Triton 3.9), i.e. 3 programs
+    # per SM instead of 4, so paged5d launches are capped at what `per_sm` programs leave (ptxas spills
+    # a few pointers around the loop). Others stay uncapped: the unsplit NHD kernel takes 126 as it is,
+    # and with a cap ptxas schedules its loop worse (410 sm_90 instructions per step instead of 368).
+    cap = v_run > 1 and REGISTER_CAP_ENABLED
+    plan.maxnreg = _register_cap(warps, per_sm) if cap else None
     # a 1-element float32 stand-in for unused pointer arguments (scales without FP8, partials without splits)
     plan.dummy = torch.zeros(1, dtype=torch.float32, device=device)
     plan.dummy_addrs = (plan.dummy.data_ptr(),) * 2  # the scale pointers of 16-bit caches

@@ -1,0 +1,91 @@
+"""A/B of whole source trees: paged decode graph µs at fixed points, for whichever miniattn is first on
+PYTHONPATH, one JSON line per cell (the first line: device, versions, the tree's path).
+
+Run it for each tree in turn on one machine, alternating, so drift hits every tree alike; `-P` keeps
+Python from putting this script's directory (a checkout's root) ahead of PYTHONPATH:
+
+    git archive <commit> miniattn | tar -x -C /tmp/old
+    for r in 1 2; do
+      PYTHONPATH=/tmp/old python -P benchmarks/ab_decode.py old$r >> ab.jsonl
+      PYTHONPATH=$PWD python -P benchmarks/ab_decode.py new$r >> ab.jsonl
+    done
+    python benchmarks/ab_decode.py --summary ab.jsonl
+
+Inputs as in benchmark_paged_decode.py (32 q / 8 kv heads x 128, block 16, bf16 and FP8 e4m3 with
+per-tensor scales, random block tables over the whole pool); torch SDPA on a contiguous cache at b16 x
+4096 as the yardstick of the run.
+"""
+
+import collections
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+POINTS = [(1, 512), (1, 4096), (1, 16384), (16, 512), (16, 4096), (16, 16384), (64, 4096), (128, 4096),
+          (64, 16384)]
+PAGED5D_POINTS = ((16, 4096), (64, 4096))
+FP8 = torch.float8_e4m3fn
+
+
+def run(label):
+    from miniattn import timing
+    from miniattn.layout import from_nhd
+    from miniattn.ops import decode as d
+
+    print(json.dumps(dict(label=label, env=timing.env_info(), tree=d.__file__)), flush=True)
+    for b, c in POINTS:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        mb = -(-c // 16)
+        nb = b * mb
+        k = torch.randn(nb, 16, 8, 128, dtype=torch.bfloat16, device="cuda", generator=g)
+        v = torch.randn_like(k)
+        bt = torch.randperm(nb, device="cuda", generator=g).to(torch.int32).reshape(b, mb)
+        sl = torch.full((b,), c, dtype=torch.int32, device="cuda")
+        q = torch.randn(b, 32, 128, dtype=torch.bfloat16, device="cuda", generator=g)
+        s1 = torch.tensor([0.25], device="cuda")
+        k8, v8 = (k / s1).to(FP8), (v / s1).to(FP8)
+        for lay in ["NHD"] + (["paged5d"] if (b, c) in PAGED5D_POINTS else []):
+            for cdt in ("auto", "fp8"):
+                kk, vv = (k, v) if cdt == "auto" else (k8, v8)
+                if lay != "NHD":
+                    kk, vv = from_nhd(lay, kk, vv)
+                extra = {} if cdt == "auto" else dict(kv_cache_dtype="fp8", k_scale=s1, v_scale=s1)
+                d._PLANS.clear()
+                fn = lambda: d.paged_decode_attention(q, kk, vv, bt, sl, kv_layout=lay, **extra)  # noqa: E731
+                fn()
+                us = timing.time_graph(fn)
+                d._PLANS.clear()
+                print(json.dumps(dict(label=label, b=b, ctx=c, layout=lay, cache=cdt, us=round(us, 2))), flush=True)
+                del kk, vv
+        if (b, c) == (16, 4096):
+            q4 = q[:, :, None]
+            kc, vc = k.new_empty(b, 8, c, 128).normal_(), v.new_empty(b, 8, c, 128).normal_()
+            us = timing.time_graph(lambda: F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True))
+            print(json.dumps(dict(label=label, b=b, ctx=c, layout="contig", cache="auto", sdpa=True,
+                                  us=round(us, 2))), flush=True)
+            del kc, vc
+        del k, v, k8, v8
+        torch.cuda.empty_cache()
+
+
+def summary(path):
+    """One line per cell: each tree's times (labels minus their trailing round digit, plus a
+    `variant` where the line has one), rounds in order."""
+    cells = collections.defaultdict(lambda: collections.defaultdict(list))
+    for line in open(path):
+        r = json.loads(line)
+        if "us" in r:
+            tree = r["label"].rstrip("0123456789") + (f":{r['variant']}" if "variant" in r else "")
+            cells[(r["b"], r["ctx"], r["layout"], r["cache"])][tree].append(r["us"])
+    for (b, c, lay, cdt), trees in cells.items():
+        print(f"b{b} x {c} {lay} {cdt}: " + "  ".join(f"{t} {'/'.join(f'{u:.2f}' for u in us)}"
+                                                    for t, us in trees.items()))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--summary":
+        summary(sys.argv[2])
+    else:
+        run(sys.argv[1])
