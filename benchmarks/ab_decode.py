@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 POINTS = [(1, 512), (1, 4096), (1, 16384), (16, 512), (16, 4096), (16, 16384), (64, 4096), (128, 4096),
-          (64, 16384)]
+          (64, 16384), (16, 4101), (64, 4101)]  # 4101: rows ending inside a step (the peeled last step)
 PAGED5D_POINTS = ((16, 4096), (64, 4096))
 FP8 = torch.float8_e4m3fn
 
