@@ -3,7 +3,9 @@
     ncu --kernel-name regex:_paged_decode_kernel --launch-skip 2 --launch-count 1 \\
         --section WarpStateStats python benchmarks/profile_decode.py --batch 128 --ctx 4096 --fp8
     (--layout paged5d for another layout, --set NAME=VALUE for a decode module setting, --num-splits /
-    --config BLOCK_N,WARPS,STAGES to force a split count / launch config)
+    --config BLOCK_N,WARPS,STAGES to force a split count / launch config, --sdpa for torch SDPA on a
+    contiguous cache instead: cuDNN's kernel on the H200, `--kernel-name regex:sdpa`;
+    benchmarks/ncu_decode_vs_sdpa.sh runs the session-9 comparison)
 
 Each configuration is called 3 times (compilation, the Launcher path, the raw-address path), so
 `--launch-skip 2 --launch-count 1` picks the hot path's launch of the first one.
@@ -36,6 +38,8 @@ def main():
     p.add_argument("--num-splits", type=int, default=None, help="force the split count")
     p.add_argument("--config", default=None, metavar="BLOCK_N,WARPS,STAGES",
                    help="launch config instead of decode_launch_config's, e.g. 128,4,3")
+    p.add_argument("--sdpa", action="store_true",
+                   help="torch SDPA on a contiguous cache of the same size instead (ncu --kernel-name regex:sdpa)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a decode module setting for this run, e.g. --set GATHER_AHEAD_ENABLED=False")
     a = p.parse_args()
@@ -44,6 +48,15 @@ def main():
         if not hasattr(decode_mod, name):
             p.error(f"--set: miniattn.ops.decode has no setting {name!r}")
         setattr(decode_mod, name, type(getattr(decode_mod, name))(ast.literal_eval(val)))
+    if a.sdpa:
+        import torch.nn.functional as F
+        qs = torch.randn(a.batch, a.num_q_heads, 1, a.head_size, dtype=torch.bfloat16, device="cuda")
+        ks = torch.randn(a.batch, a.num_kv_heads, a.ctx, a.head_size, dtype=torch.bfloat16, device="cuda")
+        vs = torch.randn_like(ks)
+        for _ in range(3):
+            F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)
+        torch.cuda.synchronize()
+        return
     if a.config:
         cfg = tuple(int(x) for x in a.config.split(",")) + (4,)
         decode_mod.decode_launch_config = lambda *args: cfg

@@ -6,7 +6,8 @@ How it works
 ------------
 `_paged_decode_kernel` runs one program per (KV split, kv head [x row chunk], sequence). A program
 loads the query rows of every q head that shares its kv head (GQA/MQA: the whole group at once, padded
-to >= MIN_ROWS rows: 16 = the MMA's M for 16-bit caches, 4 for FP8, where Triton pads the MMA), then
+to >= MIN_ROWS rows: 16 = the MMA's M for 16-bit caches; FP8 programs compute the transposed products,
+tokens along the MMA's M and the group's own >= 4 rows along its N: `SWAP_AB`), then
 walks its share of the sequence BLOCK_N tokens at a time. BLOCK_N may span several cache blocks
 (pages): each token's block id is gathered from the block table, so block_size 8 still gives 64-token
 tiles. Split 16-bit programs gather ahead (`GATHER_AHEAD`): the first tile's ids before seq_len arrives,
@@ -15,7 +16,8 @@ again), and each step the next step's ids, so that no step waits for a gather.
 Keys and values are addressed only through the strides from `layout.cache_strides`, so NHD, HND and
 paged5d (and views such as the halves of a combined NHD cache) are one kernel with different strides
 and one constexpr (`KEY_X`, the head split of the paged5d key). Softmax is online, in base 2 (`exp2`,
-log2(e) folded into the scale).
+log2(e) folded into the scale). Full steps run without token masks; a row's partial last step is peeled
+off (`PEEL`, except in split 16-bit launches, see PEEL_ENABLED).
 
 FP8 caches are loaded as float8 and widened to fp16 for the dots (e4m3/e5m2 -> fp16 is one `cvt` per
 two elements, -> bf16 three; fp16 also keeps more of p's mantissa); `k_scale` is folded into the score
@@ -64,9 +66,14 @@ MIN_ROWS = 16
 MIN_ROWS_FP8 = 4
 #: with SWAP_AB the q rows are the MMA's N (8 in hardware; Triton pads smaller ones)
 MIN_ROWS_SWAP = 4
-#: FP8 caches: scores computed as k q^T and the output as v^T p^T (`_attend_step`'s SWAP_AB);
-#: SWAP_AB_16BIT the same for 16-bit caches (off: slower there). The benchmarks switch them to
-#: compare (clear `_PLANS` after).
+#: FP8 caches: scores computed as k q^T and the output as v^T p^T (`_attend_step`'s SWAP_AB), so
+#: the tokens / head dims are the MMA's M and the q rows its N. With q as the A operand and 4 real
+#: rows of 16, each A fragment holds every row twice, and ptxas rebuilt them with 4-6 register moves
+#: before every MMA (180 moves in the one-warp FP8 step of 704 sm_90 instructions; swapped: 32 of
+#: 545, and half the MMAs). H200, three trees on one machine (results/paged_decode_ab_h200_s9a*):
+#: FP8 b1 x 16384 22.8 -> 21.9 µs, b128 x 4096 279.1 -> 275.4, b16 x 4096 53.2 -> 52.3, b64 x 16384
+#: 577-625 -> 554-582 (noisy). SWAP_AB_16BIT the same for 16-bit caches: slower there (b64 x 4096 252.3 ->
+#: 261.3, b128 x 4096 488.5 -> 503.0), off. The benchmarks switch them (clear `_PLANS` after).
 SWAP_AB_FP8 = True
 SWAP_AB_16BIT = False
 
@@ -724,7 +731,8 @@ def decode_launch_config(head_size_k: int, head_size_v: int, cache_elem_bytes: i
     2-4 it keeps one buffer, because the block-table gather takes a pipeline stage, and waits for
     every copy at the top of each step: 27% of the samples of an ncu profile sat on that barrier),
     and (c) many programs per SM. Since FP8 programs hold the group's own 4 q rows (MIN_ROWS_FP8)
-    rather than 16, one warp x 32 tokens x 5 stages takes 202 registers and 26 KB of shared memory:
+    rather than 16, one warp x 32 tokens x 5 stages takes 202 registers and 26 KB of shared memory
+    (~170 registers since SWAP_AB and PEEL, Triton 3.6):
     8 programs per SM, at every batch (b16 x 16384 167.2 -> 149.2 µs, b64 x 16384 618.4 -> 526.4,
     b128 x 4096 301.6 -> 267.4 against the 7-stage, 6-per-SM config of session 4; b16 x 4096 equal,
     51.4). Without pinned widening (Triton's conversion; measured on an H100): 128-token steps (196

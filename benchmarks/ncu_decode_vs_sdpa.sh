@@ -1,0 +1,14 @@
+#!/bin/bash
+# ncu counters of torch SDPA (cuDNN on the H200) against the decode kernel, session 9:
+# results/paged_decode_ncu_sdpa_vs_ours_h200_s9.txt. usage: benchmarks/ncu_decode_vs_sdpa.sh OUTDIR (repo root)
+O=$1
+M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_requests_srcunit_tex_op_read.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fp16.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_short_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_wait_per_warp_active.pct,smsp__warp_issue_stalled_math_pipe_throttle_per_warp_active.pct,smsp__warp_issue_stalled_mio_throttle_per_warp_active.pct,smsp__warp_issue_stalled_lg_throttle_per_warp_active.pct,smsp__warp_issue_stalled_not_selected_per_warp_active.pct,smsp__warp_issue_stalled_selected_per_warp_active.pct,smsp__warp_issue_stalled_dispatch_stall_per_warp_active.pct,smsp__warp_issue_stalled_no_instruction_per_warp_active.pct,smsp__warp_issue_stalled_membar_per_warp_active.pct,smsp__warp_issue_stalled_drain_per_warp_active.pct,smsp__warp_issue_stalled_sleeping_per_warp_active.pct,smsp__warp_issue_stalled_branch_resolving_per_warp_active.pct,smsp__warp_issue_stalled_imc_miss_per_warp_active.pct,smsp__warp_issue_stalled_tex_throttle_per_warp_active.pct
+run() { name=$1; shift; echo "=== $name" >> $O/ncu.txt; timeout 120 ncu --metrics $M "$@" >> $O/ncu.txt 2>&1; }
+run sdpa_b16x4096 --kernel-name regex:sdpa --launch-skip 2 --launch-count 1 python benchmarks/profile_decode.py --sdpa --batch 16 --ctx 4096
+P="--kernel-name regex:_paged_decode_kernel --launch-skip 2 --launch-count 1 python benchmarks/profile_decode.py"
+run ours_b16x4096_split4 $P --batch 16 --ctx 4096
+run ours_b16x4096_1split_128x4x3_ga $P --batch 16 --ctx 4096 --num-splits 1 --config 128,4,3 --set GATHER_AHEAD_ALWAYS=True
+run ours_b64x4096 $P --batch 64 --ctx 4096
+run ours_fp8_b64x4096 $P --batch 64 --ctx 4096 --fp8
+run ours_fp8_b16x4096 $P --batch 16 --ctx 4096 --fp8
+grep -E "^===|gpu__time|dram__bytes|dram__throughput|inst_executed.sum|issue_active|warps_active|pipe_|wavefronts|lts__t_(sectors|requests)|stalled" $O/ncu.txt | grep -v "==PROF" > $O/ncu_summary.txt
