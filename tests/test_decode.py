@@ -164,13 +164,23 @@ def test_fp8_large_batch_launch_config(kv_cache_dtype):
         assert want[:3] == (32, 1, 5)
 
 
-@pytest.mark.parametrize("layout,kv_cache_dtype", [(lay, "auto") for lay in LAYOUTS] + [("paged5d", "fp8")])
-def test_unwritten_slots_poisoned(monkeypatch, layout, kv_cache_dtype):
+#: decode settings off their defaults: the masked loop everywhere, the transposed products for 16-bit
+#: caches and not for FP8, separate value offsets
+_OFF_DEFAULT = ({"PEEL_ENABLED": False}, {"SWAP_AB_16BIT": True, "SWAP_AB_FP8": False}, {"KV_SAME_ENABLED": False})
+
+
+@pytest.mark.parametrize("layout,kv_cache_dtype,knobs",
+                         [(lay, "auto", {}) for lay in LAYOUTS] + [("paged5d", "fp8", {}), ("NHD", "fp8", {})]
+                         + [(lay, cdt, k) for k in _OFF_DEFAULT for lay, cdt in (("NHD", "auto"), ("NHD", "fp8"))])
+def test_unwritten_slots_poisoned(monkeypatch, layout, kv_cache_dtype, knobs):
     """Every slot no row uses holds NaN, keys and values (FP8: the e4m3 NaN byte). Rows end inside a
     page, inside a loop step, inside an 8-token vector, or on a step's edge, with 1 and 3 splits.
     paged5d both in its memory order (whole pages masked: the last page's unused slots are read,
     their scores masked and their values zeroed by the peeled last step) and in the generic order.
-    No NaN, and the reference's result."""
+    Full steps run without token masks, so any slot past a row's end read there would show. Also with
+    the kernel's settings off their defaults (`knobs`). No NaN, and the reference's result."""
+    for name, val in knobs.items():
+        monkeypatch.setattr(decode_mod, name, val)
     _seed("poison", layout, kv_cache_dtype)
     bs, lens = 16, (21, 64, 3, 0, 75, 130)
     batch, max_blocks = len(lens), -(-max(lens) // bs)
