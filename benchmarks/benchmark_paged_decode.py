@@ -347,10 +347,10 @@ def _tune_experiments():
     back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
     allocation order instead of through the random table; "_skip_merge": True launches the main
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
-    Each tuning round replaces this set with its question (the set here, s9r4: scores as k q^T and
-    the output as v^T p^T (SWAP_AB) for FP8 on / off, the keys' token offsets shared with the values
-    (KV_SAME) on / off, two alternating rounds); earlier rounds' sets are in git history and their results in
-    results/paged_decode_tune_*.json (s6r1: evict-first key/value loads, no change; s6r2: random
+    Each tuning round replaces this set with its question (the set here, s9r4, not run yet: FP8's
+    transposed products (SWAP_AB) on / off, the keys' token offsets shared with the values (KV_SAME)
+    on / off, two alternating rounds; session 9 measured both with benchmarks/ab_decode.py instead);
+    earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json (s6r1: evict-first key/value loads, no change; s6r2: random
     against sequential tables; s6r3: the merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level
     fused merge above 16 pieces, slower by 1-3.6 µs, reverted; s6r5: the first step's block ids
     gathered before seq_len, adopted for 16-bit caches; s7r1: HND / NHD, 4 q rows,
