@@ -351,8 +351,9 @@ def _tune_experiments():
     transposed products (SWAP_AB) on / off, the keys' token offsets shared with the values (KV_SAME)
     on / off, two alternating rounds; session 9 measured both with benchmarks/ab_decode.py instead);
     earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json
-    (s6r1: evict-first key/value loads, no change; s6r2: random against sequential tables; s6r3: the merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level
-    fused merge above 16 pieces, slower by 1-3.6 µs, reverted; s6r5: the first step's block ids
+    (s6r1: evict-first key/value loads, no change; s6r2: random against sequential tables; s6r3: the
+    merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level fused merge above 16 pieces, slower by
+    1-3.6 µs, reverted; s6r5: the first step's block ids
     gathered before seq_len, adopted for 16-bit caches; s7r1: HND / NHD, 4 q rows,
     double-buffered steps with fewer splits: no gain; s7r2: the fused merge costs 1.3-2.4 µs at
     its points; s7r3: the fused merge's loads in one L2 round trip when one step holds every

@@ -242,44 +242,28 @@ if triton_available():
         k_tok = _tok_off(blk, t0, k_stride_block, k_stride_slot, BLOCK_SIZE, BLOCK_N, K_ALIGN, 1)
         if PAGE_ORDER:
             kc = tl.arange(0, HEAD_K_PAD // KEY_X)
-            k_ptrs = (k_head_ptr + (kc * k_stride_dhi)[:, None, None] + k_tok[None, :, None]
-                      + tl.arange(0, KEY_X)[None, None, :])
-            if MASKED:
-                k3 = tl.load(k_ptrs, mask=(kc * KEY_X < HEAD_K)[:, None, None] & run_ok[None, :, None], other=0.0)
-            elif HEAD_K < HEAD_K_PAD:
-                k3 = tl.load(k_ptrs, mask=(kc * KEY_X < HEAD_K)[:, None, None], other=0.0)
-            else:
-                k3 = tl.load(k_ptrs)
+            k3 = _tile_load(k_head_ptr + (kc * k_stride_dhi)[:, None, None] + k_tok[None, :, None]
+                            + tl.arange(0, KEY_X)[None, None, :], run_ok[None, :, None],
+                            (kc * KEY_X < HEAD_K)[:, None, None], MASKED, HEAD_K < HEAD_K_PAD)
             kt = tl.reshape(tl.permute(k3, (0, 2, 1)), (HEAD_K_PAD, BLOCK_N))  # [D/x, N, x] -> [D, N]
         else:
-            k_ptrs = k_head_ptr + k_tok[:, None] + k_dim_off[None, :]
-            if MASKED:
-                k = tl.load(k_ptrs, mask=t_ok[:, None] & dk_ok[None, :], other=0.0)
-            elif HEAD_K < HEAD_K_PAD:
-                k = tl.load(k_ptrs, mask=dk_ok[None, :], other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-            kt = tl.trans(k)  # [HEAD_K_PAD, BLOCK_N]
+            kt = tl.trans(_tile_load(k_head_ptr + k_tok[:, None] + k_dim_off[None, :], t_ok[:, None], dk_ok[None, :],
+                                     MASKED, HEAD_K < HEAD_K_PAD))  # [HEAD_K_PAD, BLOCK_N]
         if FP8:  # keys: Triton's conversion is already cheap (no transpose: d is their reduction dim)
             kt = kt.to(q.dtype)
-        if SWAP_AB:  # s^T = k q^T: [BLOCK_N, ROWS], tokens along the MMA's M (q holds q^T here)
-            s = _dot(tl.trans(kt), q, DOT_F32, IEEE)
-            s = s * scale
-            if MASKED:
-                s = tl.where(t_ok[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
+        # scores [ROWS, BLOCK_N] fp32 in log2 units; SWAP_AB: s^T = k q^T [BLOCK_N, ROWS], tokens along
+        # the MMA's M (q holds q^T then), so the token axis TOK is 0 instead of 1
+        TOK: tl.constexpr = 0 if SWAP_AB else 1
+        if SWAP_AB:
+            s = _dot(tl.trans(kt), q, DOT_F32, IEEE) * scale
         else:
-            s = _dot(q, kt, DOT_F32, IEEE)
-            s = s * scale  # [ROWS, BLOCK_N] fp32, log2 units
-            if MASKED:
-                s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            s = _dot(q, kt, DOT_F32, IEEE) * scale
+        if MASKED:
+            s = tl.where(tl.expand_dims(t_ok, 1 - TOK), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, TOK))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - tl.expand_dims(m_new, TOK))
+        l_i = l_i * alpha + tl.sum(p, TOK)
 
         if PAGE_ORDER:
             PAGES: tl.constexpr = BLOCK_N // V_RUN
@@ -287,27 +271,17 @@ if triton_available():
             page_blk = tl.max(tl.reshape(blk, (PAGES, V_RUN)), 1)  # the run's block id (one per run)
             page_off = tl.multiple_of(page_blk.to(tl.int64) * v_stride_block + (page_t % BLOCK_SIZE) * v_stride_slot,
                                       V_RUN)
-            v_ptrs = (v_head_ptr + page_off[:, None, None] + tl.multiple_of(v_dim_off, V_RUN)[None, :, None]
-                      + tl.arange(0, V_RUN)[None, None, :])
-            if MASKED:
-                v3 = tl.load(v_ptrs, mask=(page_t < end)[:, None, None] & dv_ok[None, :, None], other=0.0)
-            elif HEAD_V < HEAD_V_PAD:
-                v3 = tl.load(v_ptrs, mask=dv_ok[None, :, None], other=0.0)
-            else:
-                v3 = tl.load(v_ptrs)  # [PAGES, D, RUN]
+            v3 = _tile_load(v_head_ptr + page_off[:, None, None] + tl.multiple_of(v_dim_off, V_RUN)[None, :, None]
+                            + tl.arange(0, V_RUN)[None, None, :], (page_t < end)[:, None, None],
+                            dv_ok[None, :, None], MASKED, HEAD_V < HEAD_V_PAD)  # [PAGES, D, RUN]
             v = tl.reshape(tl.permute(v3, (0, 2, 1)), (BLOCK_N, HEAD_V_PAD))
         else:
             if KV_SAME:  # (V_RUN is 1 then, and K_ALIGN divides the same strides)
                 v_tok = k_tok
             else:
                 v_tok = _tok_off(blk, t0, v_stride_block, v_stride_slot, BLOCK_SIZE, BLOCK_N, V_ALIGN, V_RUN)
-            v_ptrs = v_head_ptr + v_tok[:, None] + v_dim_off[None, :]
-            if MASKED:
-                v = tl.load(v_ptrs, mask=run_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, HEAD_V_PAD]
-            elif HEAD_V < HEAD_V_PAD:
-                v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
-            else:
-                v = tl.load(v_ptrs)
+            v = _tile_load(v_head_ptr + v_tok[:, None] + v_dim_off[None, :], run_ok[:, None], dv_ok[None, :],
+                           MASKED, HEAD_V < HEAD_V_PAD)  # [BLOCK_N, HEAD_V_PAD]
         if FP8:
             if V_WIDEN:
                 v = _widen_fp8_pinned(v, V_WIDEN == 2)
@@ -317,10 +291,20 @@ if triton_available():
             v = tl.where(t_ok[:, None], v, 0.0)
         p = p if IEEE else p.to(q.dtype)
         if SWAP_AB:  # acc^T [HEAD_V_PAD, ROWS] += v^T p^T
-            acc = acc * alpha[None, :] + _dot(tl.trans(v), p, DOT_F32, IEEE)
+            pv = _dot(tl.trans(v), p, DOT_F32, IEEE)
         else:
-            acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, IEEE)
-        return m_new, l_i, acc
+            pv = _dot(p, v, DOT_F32, IEEE)
+        return m_new, l_i, acc * tl.expand_dims(alpha, TOK) + pv
+
+    @triton.jit
+    def _tile_load(ptrs, tok_ok, dim_ok, MASKED: tl.constexpr, PADDED: tl.constexpr):
+        """A key / value tile: masked by the tokens' and the head dims' masks (broadcast to the tile) in
+        a masked step, by the head dims' alone where the head is padded, not at all otherwise."""
+        if MASKED:
+            return tl.load(ptrs, mask=tok_ok & dim_ok, other=0.0)
+        elif PADDED:
+            return tl.load(ptrs, mask=dim_ok, other=0.0)
+        return tl.load(ptrs)
 
     @triton.jit
     def _dot(a, b, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
