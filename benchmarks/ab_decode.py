@@ -13,7 +13,8 @@ Python from putting this script's directory (a checkout's root) ahead of PYTHONP
 
 Inputs as in benchmark_paged_decode.py (32 q / 8 kv heads x 128, block 16, bf16 and FP8 e4m3 with
 per-tensor scales, random block tables over the whole pool); torch SDPA on a contiguous cache at b16 x
-4096 as the yardstick of the run.
+4096 as the yardstick of the run. They are built here rather than by that script's `make_inputs`:
+importing it puts its checkout's root first on sys.path, which would pick the tree under test.
 """
 
 import collections
