@@ -347,9 +347,10 @@ def _tune_experiments():
     back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
     allocation order instead of through the random table; "_skip_merge": True launches the main
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
-    Each tuning round replaces this set with its question (the set here, s9r4, not run yet: FP8's
-    transposed products (SWAP_AB) on / off, the keys' token offsets shared with the values (KV_SAME)
-    on / off, two alternating rounds; session 9 measured both with benchmarks/ab_decode.py instead);
+    Each tuning round replaces this set with its question (the set here, s10r1: the points whose
+    heuristic split needs the merge kernel (more than FUSED_MERGE_MAX_SPLITS pieces) run with 16 or
+    32 fused pieces instead, one launch, graph and host loop, two alternating rounds: what an eager
+    call would gain and lose with one launch);
     earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json
     (s6r1: evict-first key/value loads, no change; s6r2: random against sequential tables; s6r3: the
     merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level fused merge above 16 pieces, slower by
@@ -364,12 +365,15 @@ def _tune_experiments():
     s8r4: paged5d page order on / off, the register cap off, rows ending inside a step; s9r1: b16 x
     4096 with 1-2 pieces single-buffered, b1 x 16384 configs, FP8 NHD / HND / paged5d: no gain; s9r2:
     b16 x 4096 unsplit with double-buffered tiles as cuDNN's SDPA kernel runs it: equal, no gain;
-    s9r3: block offsets by an inline-PTX mul.wide: Triton 3.6 then stops pipelining the copies, 3x slower)."""
+    s9r3: block offsets by an inline-PTX mul.wide: Triton 3.6 then stops pipelining the copies, 3x slower;
+    s9r4, written, not run: SWAP_AB / KV_SAME on and off, measured with benchmarks/ab_decode.py instead)."""
     exps = []
-    for b, c in [(1, 512), (1, 16384), (16, 4096), (64, 4096), (128, 4096)]:
-        for _ in range(2):  # two alternating rounds
-            exps += [(b, c, "fp8", "NHD", None, None, k) for k in ({}, {"SWAP_AB_FP8": False})]
-            exps += [(b, c, "auto", "NHD", None, None, k) for k in ({}, {"KV_SAME_ENABLED": False})]
+    one_launch = [(None, {}), (16, {}), (32, {"FUSED_MERGE_MAX_SPLITS": 32})]
+    for _ in range(2):  # two alternating rounds
+        for b, c in [(1, 2048), (1, 4096), (1, 8192), (2, 4096), (2, 8192)]:
+            exps += [(b, c, "auto", "NHD", None, ns, k) for ns, k in one_launch]
+        for b, c in [(1, 4096), (1, 8192)]:
+            exps += [(b, c, "fp8", "NHD", None, ns, k) for ns, k in one_launch]
     return exps
 
 
