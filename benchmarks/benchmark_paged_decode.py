@@ -133,7 +133,10 @@ def ours(inp, a):
                 q, kc, vc, bt, sl, kv_layout=lay, **extra)
             fn()
             plan = next(iter(decode_mod._PLANS.values()))
-            info = dict(splits=plan.splits, block_n=plan.consts[1], warps=plan.warps, stages=plan.stages)
+            # eager calls may fuse fewer pieces than a captured one launches (`EAGER_ONE_LAUNCH_ENABLED`)
+            graph = plan.capture_plan or plan
+            info = dict(splits=plan.splits, graph_splits=graph.splits, graph_merges=graph.merges,
+                        block_n=plan.consts[1], warps=plan.warps, stages=plan.stages)
             name = f"miniattn:{lay}" + ("" if cdt == "auto" else ":fp8")
             yield name, fn, kv_bytes(q.shape[0], int(sl[0]), a, elem), info
             del kc, vc, fn
@@ -415,7 +418,9 @@ def run_tune(a):
                 o = fn().float()
                 if knobs.get("_skip_merge"):
                     for p in decode_mod._PLANS.values():
-                        p.merges = False
+                        for pp in (p, p.capture_plan):
+                            if pp is not None:
+                                pp.merges = False
                     fn()
                 err = float((o - ref.setdefault((cdt, bt_used is bt), o)).abs().max())
                 us = timing.time_graph(fn)
@@ -431,11 +436,14 @@ def run_tune(a):
             decode_mod._PLANS.clear()
             gb = timing.gbps(kv_bytes(batch, ctx, a, elem), us)
             used = (plan.consts[1], plan.warps, plan.stages) if cfg is None else cfg
-            rows.append(dict(batch=batch, ctx=ctx, cache=cdt, layout=lay, cfg=str(used), splits=plan.splits,
-                             forced_splits=ns, v_widen=plan.consts[-1], merges=plan.merges, knobs=knobs, us=us,
+            graph = plan.capture_plan or plan  # what `us` ran; `host_us` ran `plan`
+            rows.append(dict(batch=batch, ctx=ctx, cache=cdt, layout=lay, cfg=str(used), splits=graph.splits,
+                             forced_splits=ns, v_widen=plan.consts[-1], merges=graph.merges,
+                             eager_splits=plan.splits, eager_merges=plan.merges, knobs=knobs, us=us,
                              host_us=host, gbps=gb, pct=100 * gb / ceiling, max_diff_vs_first=err))
-            print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} {lay:<8} cfg={str(used):<13} splits={plan.splits:<3} "
-                  f"widen={plan.consts[-1]} merge kernel={plan.merges:d} {knobs} {us:8.1f} us {gb:6.0f} GB/s "
+            eager = "" if graph is plan else f" (eager {plan.splits}, merge kernel={plan.merges:d})"
+            print(f"  b={batch:<4} ctx={ctx:<6} {cdt:<5} {lay:<8} cfg={str(used):<13} splits={graph.splits:<3} "
+                  f"widen={plan.consts[-1]} merge kernel={graph.merges:d}{eager} {knobs} {us:8.1f} us {gb:6.0f} GB/s "
                   f"{rows[-1]['pct']:5.1f}% host {'-' if host is None else f'{host:.1f}'} diff {err:.2e}", flush=True)
         decode_mod.decode_launch_config = real_cfg
         del inp, caches

@@ -346,6 +346,51 @@ def test_auto_splits_used(monkeypatch):
     assert plan.splits > 1
 
 
+def _long_table_case(tag, lens, capacity, **kw):
+    """make_case with block tables widened to `capacity` tokens (valid random ids past each row's
+    blocks): a length bucket the rows do not fill, so the split heuristic plans for `capacity`."""
+    _seed("long_table", tag)
+    case = make_case("NHD", lens=lens, extra_blocks=8, **kw)
+    bt = case["block_tables"]
+    bs = case["key_cache"].shape[1]
+    num_blocks = case["key_cache"].shape[0]
+    wide = torch.randint(0, num_blocks, (bt.shape[0], capacity // bs), dtype=torch.int32, device=DEVICE)
+    wide[:, : bt.shape[1]] = bt
+    case["block_tables"] = wide
+    return case
+
+
+def test_eager_one_launch_plan(monkeypatch):
+    """A split that needs the merge kernel (64 pieces for a 4096-token bucket on 132 SMs) becomes, for
+    eager calls, 32 pieces merged inside the main kernel (one launch); the heuristic's plan is kept
+    as `capture_plan` for graph captures and compiled by the first eager call. Both equal the
+    reference and each other to rounding; a forced split, the switch off, or a bucket over the byte
+    limit keep one plan."""
+    monkeypatch.setitem(decode_mod._SM_COUNT, torch.device(DEVICE), 132)
+    monkeypatch.setattr(decode_mod, "_PLANS", {})
+    case = _long_table_case("eager", (300, 1, 0), 4096, num_q_heads=4, num_kv_heads=1, head_size=64, block_size=16)
+    ref = paged_decode_attention_ref(**case)
+    out = check(case, 1e-2)
+    (plan,) = decode_mod._PLANS.values()
+    assert (plan.splits, plan.merges) == (32, False)
+    assert (plan.capture_plan.splits, plan.capture_plan.merges) == (64, True) and plan.capture_warm
+    assert plan.capture_plan.capture_plan is None
+    graph_out = torch.full_like(out, float("nan"))
+    decode_mod._launch(plan.capture_plan, case["query"], case["key_cache"], case["value_cache"],
+                       case["block_tables"], case["seq_lens"], "auto", None, None, graph_out)
+    assert rel_err(graph_out, ref) <= 1e-2 and rel_err(graph_out, out.double()) <= 2e-3
+    for knob, val, kw in (("EAGER_ONE_LAUNCH_ENABLED", False, {}), ("EAGER_ONE_LAUNCH_MAX_BYTES", 1 << 20, {}),
+                          (None, None, {"num_splits": 64})):
+        with monkeypatch.context() as m:
+            if knob:
+                m.setattr(decode_mod, knob, val)
+            m.setattr(decode_mod, "_PLANS", {})
+            m.setattr(decode_mod, "_launch", lambda *a: None)  # the plan is what is checked
+            paged_decode_attention(**case, **kw)
+            (plan,) = decode_mod._PLANS.values()
+            assert (plan.splits, plan.merges, plan.capture_plan) == (64, True, None)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_padding_rows_and_out(num_splits):
     """seq_len 0 rows give exact zeros; every output element is written (out poisoned with NaN)."""
@@ -583,6 +628,52 @@ def test_cuda_graph_replay_with_new_lengths(monkeypatch, fused):
         torch.cuda.synchronize()
         ref = paged_decode_attention_ref(**case)
         assert rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture_takes_capture_plan(monkeypatch):
+    """Where eager calls fuse fewer pieces into one launch, a capture records the heuristic's split
+    (the merge kernel) through its own raw-address handle, prepared by the warm-up call; replays
+    with new lengths are right, and eager calls after the capture take the one-launch plan again."""
+    from miniattn.ops.launch import DirectLaunch
+    monkeypatch.setattr(decode_mod, "_PLANS", {})
+    case = _long_table_case("capture", (4096, 1000, 0), 4096, num_q_heads=32, num_kv_heads=8, head_size=128,
+                            block_size=16)
+    case["query"], case["seq_lens"] = case["query"][:1].contiguous(), case["seq_lens"][:1].contiguous()
+    case["block_tables"] = case["block_tables"][:1].contiguous()
+    out = torch.empty(1, 32, 128, dtype=torch.bfloat16, device=DEVICE)
+    run = lambda: paged_decode_attention(**case, out=out)  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    (plan,) = decode_mod._PLANS.values()
+    assert plan.capture_plan is not None and not plan.merges and plan.capture_plan.merges
+    calls = []
+    for name, p in (("eager", plan), ("capture", plan.capture_plan)):
+        d = p.direct
+        assert d, "both plans hold raw-address handles after the warm-up"
+
+        def counted(*a, _f=d.fn, _n=name):
+            calls.append(_n)
+            return _f(*a)
+        p.direct = DirectLaunch(counted, d.head, d.spread, d.kind)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    assert calls == ["capture"]
+    for n in (4096, 1, 0, 2049):
+        case["seq_lens"].fill_(n)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, paged_decode_attention_ref(**case)) <= 1e-2
+    run()
+    assert calls == ["capture", "eager"]
+    assert rel_err(out, paged_decode_attention_ref(**case)) <= 1e-2
 
 
 @pytest.mark.gpu

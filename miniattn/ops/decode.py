@@ -32,7 +32,8 @@ the merge is done inside the main kernel: each program counts its arrival on an 
 (sequence, kv head) (an acq_rel atomic after a barrier), and the one that arrives last reads the
 others' partials, writes the output and puts the counter back to 0; one launch per call. With more
 pieces `_paged_decode_reduce_kernel` merges them (a second launch, since one program merging 64
-partials is slower). Empty pieces write nothing, and the merge recomputes how many pieces exist, so
+partials is slower); outside a graph capture, where a launch costs the host more than the GPU time
+a few more fused pieces lose, small such calls fuse up to EAGER_FUSED_MAX_SPLITS pieces instead. Empty pieces write nothing, and the merge recomputes how many pieces exist, so
 no partial needs clearing. Because the split length is derived on the device, the grid depends only on
 (batch, heads, NUM_SPLITS): see "CUDA graphs" in `paged_decode_attention`. On sm_90+ the merge kernel
 is a programmatic dependent launch (PDL): the main kernel's programs allow it to be scheduled as they
@@ -622,6 +623,19 @@ def _capability(device: torch.device) -> tuple:
 #: compare (clear `_PLANS` after).
 FUSED_MERGE_ENABLED = True
 FUSED_MERGE_MAX_SPLITS = 16
+#: Outside a CUDA graph capture, a call whose split needs the merge kernel (more pieces than
+#: FUSED_MERGE_MAX_SPLITS) and whose length bucket holds at most EAGER_ONE_LAUNCH_MAX_BYTES of keys
+#: and values fuses at most EAGER_FUSED_MAX_SPLITS pieces instead: one launch. A second launch
+#: costs the host 5-8 µs on the H200 machine, which a graph hides and an eager call pays, while the
+#: GPU time lost is 0-2.5 µs (H200, results/paged_decode_tune_h200_s10r1, graph / host-loop µs, the
+#: merge kernel -> 32 fused pieces: b1 x 2048 13.9 / 27.1 -> 14.25 / 19.5, b1 x 4096 15.8 / 26.5 ->
+#: 17.75 / 20.5, b1 x 8192 21.05 / 19.1 -> 23.55 / 15.65, b2 x 4096 22.2 / 17.8 -> 22.2 / 13.55).
+#: Captured calls keep the split that is fastest on the GPU (the plan's `capture_plan`, compiled by
+#: the first eager call); above the byte limit the kernel, not the host, sets the pace (b2 x 8192:
+#: 32.35 / 25.1 either way). The benchmarks switch it off to compare (clear `_PLANS` after).
+EAGER_ONE_LAUNCH_ENABLED = True
+EAGER_FUSED_MAX_SPLITS = 32
+EAGER_ONE_LAUNCH_MAX_BYTES = 32 << 20
 #: split launches with 16-bit caches gather block ids ahead (`GATHER_AHEAD` in the kernel). The
 #: first step's before seq_len arrives, one memory latency less before the first key/value loads
 #: (H200, graph µs, tune s6r5: b1 x 512 10.3 -> 10.0, b16 x 512 21.2 -> 20.4, b1 x 16384 32.6 ->
@@ -780,12 +794,16 @@ class _Plan:
     __slots__ = ("grid", "ints", "consts", "warps", "stages", "splits", "rgrid", "rints", "rconsts",
                  "part_acc", "part_max", "part_sum", "part_addrs", "out_shape", "fp8", "dummy",
                  "device_index", "direct", "rdirect", "tail", "rtail", "pdl", "dummy_addrs", "arrivals",
-                 "merges", "maxnreg")
+                 "merges", "maxnreg", "capture_plan", "capture_warm")
 
 
 def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
-                k_scale, v_scale, out, num_splits, max_seq_len) -> _Plan:
-    """Validate every argument (metadata only, no device sync) and precompute the launches."""
+                k_scale, v_scale, out, num_splits, max_seq_len, fused_max=None) -> _Plan:
+    """Validate every argument (metadata only, no device sync) and precompute the launches.
+
+    With the split left to the heuristic, a plan whose split needs the merge kernel may come back as
+    the one-launch plan of eager calls, holding the heuristic's plan as `capture_plan` (see
+    EAGER_ONE_LAUNCH_ENABLED). `fused_max`: the most pieces fused (default FUSED_MERGE_MAX_SPLITS)."""
     for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
                     ("block_tables", block_tables), ("seq_lens", seq_lens)):
         _check_tensor(name, t)
@@ -874,10 +892,22 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
 
     capacity = block_tables.shape[1] * block_size
     bucket = capacity if max_seq_len is None else min(_next_pow2(max(max_seq_len, 1)), max(capacity, 1))
-    if num_splits is None:
+    chosen = num_splits is None
+    if chosen:
         num_splits = choose_num_splits(batch, num_kv_heads * row_chunks, bucket, block_n, sm_count, per_sm)
     plan.splits = num_splits
-    fused = FUSED_MERGE_ENABLED and 1 < num_splits <= FUSED_MERGE_MAX_SPLITS
+    fused = FUSED_MERGE_ENABLED and 1 < num_splits <= (FUSED_MERGE_MAX_SPLITS if fused_max is None else fused_max)
+    plan.capture_plan, plan.capture_warm = None, True
+    bucket_bytes = batch * bucket * num_kv_heads * (head_k * kc.element_size() + head_v * vc.element_size())
+    if (chosen and num_splits > 1 and not fused and FUSED_MERGE_ENABLED and EAGER_ONE_LAUNCH_ENABLED
+            and bucket_bytes <= EAGER_ONE_LAUNCH_MAX_BYTES):
+        eager = _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale,
+                            kv_cache_dtype, k_scale, v_scale, out, min(num_splits, EAGER_FUSED_MAX_SPLITS),
+                            max_seq_len, fused_max=EAGER_FUSED_MAX_SPLITS)
+        eager.capture_plan = _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale,
+                                         kv_cache_dtype, k_scale, v_scale, out, num_splits, max_seq_len)
+        eager.capture_warm = False  # the first eager call also compiles the capture plan
+        return eager
     plan.pdl = num_splits > 1 and not fused and _pdl_available(device)
 
     ks = cache_strides(kv_layout, kc, is_key=True)
@@ -959,6 +989,8 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     return plan
 
 
+#: True inside a CUDA graph capture on the current stream (torch's C function: no Python frame)
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 #: plans by metadata key. Never evicted: a captured CUDA graph keeps the raw addresses of its plan's
 #: scratch buffers, which must outlive it (a few MB at most per configuration).
 _PLANS: dict = {}
@@ -1015,7 +1047,11 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
     (and block_tables contents) within the capacity; the bucket only affects speed. Capture after
     one eager call with the same shapes (compilation and the split-KV scratch buffers happen there);
     the scratch (and the fused merge's arrival counters) is shared by all calls of one configuration,
-    so calls of one configuration must not run concurrently on different streams.
+    so calls of one configuration must not run concurrently on different streams. Where the split
+    would need the separate merge kernel and the bucket is small (EAGER_ONE_LAUNCH_ENABLED), eager
+    calls fuse fewer pieces into one launch and a captured call takes the heuristic's split with the
+    merge kernel (what is fastest on the GPU); both are prepared by the first eager call, and their
+    results agree to rounding (the partials are summed in another order), not bit for bit.
 
     Example
     -------
@@ -1058,6 +1094,9 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
         return _fallback(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale,
                          kv_cache_dtype, k_scale, v_scale, out)
 
+    capturing = plan.capture_plan is not None and query.is_cuda and _capturing()
+    if capturing:  # inside a CUDA graph capture: the split that is fastest on the GPU (EAGER_ONE_LAUNCH_ENABLED)
+        plan = plan.capture_plan
     if out is None:  # the query's dtype and device, sizes spread out: the cheapest allocation torch has here
         out = query.new_empty(*plan.out_shape)  # (1.2 µs on the dev VM; torch.empty(shape, ...) 1.7-2.6)
     direct = plan.direct
@@ -1088,6 +1127,19 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
                                                                            *plan.rtail))
             return out
 
+    args = (query, key_cache, value_cache, block_tables, seq_lens, kv_cache_dtype, k_scale, v_scale, out)
+    if not plan.capture_warm and not capturing:
+        # compile (and take the raw-address handles of) the plan a later capture will launch, now:
+        # a capture must not compile. Its output is overwritten below.
+        _launch(plan.capture_plan, *args)
+        plan.capture_warm = True
+    _launch(plan, *args)
+    return out
+
+
+def _launch(plan, query, key_cache, value_cache, block_tables, seq_lens, kv_cache_dtype, k_scale, v_scale, out):
+    """The launches of one call through `Launcher` (compiling on first use), and the raw-address
+    handles of the hot path once the pointers allow them."""
     ks, vs = (k_scale, v_scale) if plan.fp8 else (plan.dummy, plan.dummy)
     kc, vc = key_cache, value_cache
     if plan.fp8:
@@ -1105,7 +1157,6 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens
             plan.rdirect = compiled_handle(_paged_decode_reduce_kernel, plan.rgrid, rptrs, plan.rints,
                                             plan.rconsts, 4, 1, launch_pdl=plan.pdl)
             plan.direct = plan.direct if plan.rdirect else False
-    return out
 
 
 def _fallback(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale, kv_cache_dtype,
