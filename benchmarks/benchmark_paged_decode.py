@@ -350,10 +350,9 @@ def _tune_experiments():
     back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
     allocation order instead of through the random table; "_skip_merge": True launches the main
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
-    Each tuning round replaces this set with its question (the set here, s10r1: the points whose
-    heuristic split needs the merge kernel (more than FUSED_MERGE_MAX_SPLITS pieces) run with 16 or
-    32 fused pieces instead, one launch, graph and host loop, two alternating rounds: what an eager
-    call would gain and lose with one launch);
+    Each tuning round replaces this set with its question (the set here, s10r2: b16 x 512 and
+    b16 x 4096 with 2 pieces pipelined 5 deep (session 5 found that faster at b16 x 512) or unsplit,
+    against the heuristic's 4 pieces, two alternating rounds);
     earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json
     (s6r1: evict-first key/value loads, no change; s6r2: random against sequential tables; s6r3: the
     merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level fused merge above 16 pieces, slower by
@@ -369,14 +368,15 @@ def _tune_experiments():
     4096 with 1-2 pieces single-buffered, b1 x 16384 configs, FP8 NHD / HND / paged5d: no gain; s9r2:
     b16 x 4096 unsplit with double-buffered tiles as cuDNN's SDPA kernel runs it: equal, no gain;
     s9r3: block offsets by an inline-PTX mul.wide: Triton 3.6 then stops pipelining the copies, 3x slower;
-    s9r4, written, not run: SWAP_AB / KV_SAME on and off, measured with benchmarks/ab_decode.py instead)."""
+    s9r4, written, not run: SWAP_AB / KV_SAME on and off, measured with benchmarks/ab_decode.py instead;
+    s10r1: 16 / 32 fused pieces where the heuristic's split needs the merge kernel: one launch costs
+    0-2.5 µs of GPU time and saves 4-8 µs of host, taken for eager calls, EAGER_ONE_LAUNCH_ENABLED)."""
     exps = []
-    one_launch = [(None, {}), (16, {}), (32, {"FUSED_MERGE_MAX_SPLITS": 32})]
     for _ in range(2):  # two alternating rounds
-        for b, c in [(1, 2048), (1, 4096), (1, 8192), (2, 4096), (2, 8192)]:
-            exps += [(b, c, "auto", "NHD", None, ns, k) for ns, k in one_launch]
-        for b, c in [(1, 4096), (1, 8192)]:
-            exps += [(b, c, "fp8", "NHD", None, ns, k) for ns, k in one_launch]
+        for b, c in [(16, 512), (16, 4096)]:
+            exps += [(b, c, "auto", "NHD", None, None, {}), (b, c, "auto", "NHD", (64, 4, 5, 3), 2, {}),
+                     (b, c, "auto", "NHD", (64, 2, 5, 3), 2, {}), (b, c, "auto", "NHD", None, 2, {}),
+                     (b, c, "auto", "NHD", (64, 4, 5, 3), 1, {})]
     return exps
 
 
