@@ -364,8 +364,8 @@ def test_eager_one_launch_plan(monkeypatch):
     """A split that needs the merge kernel (64 pieces for a 4096-token bucket on 132 SMs) becomes, for
     eager calls, 32 pieces merged inside the main kernel (one launch); the heuristic's plan is kept
     as `capture_plan` for graph captures and compiled by the first eager call. Both equal the
-    reference and each other to rounding; a forced split, the switch off, or a bucket over the byte
-    limit keep one plan."""
+    reference and each other to rounding; a forced split, the switch off, a bucket over the byte
+    limit, or an FP8 cache keep one plan."""
     monkeypatch.setitem(decode_mod._SM_COUNT, torch.device(DEVICE), 132)
     monkeypatch.setattr(decode_mod, "_PLANS", {})
     case = _long_table_case("eager", (300, 1, 0), 4096, num_q_heads=4, num_kv_heads=1, head_size=64, block_size=16)
@@ -389,6 +389,12 @@ def test_eager_one_launch_plan(monkeypatch):
             paged_decode_attention(**case, **kw)
             (plan,) = decode_mod._PLANS.values()
             assert (plan.splits, plan.merges, plan.capture_plan) == (64, True, None)
+    fp8 = _long_table_case("eager8", (300, 1, 0), 4096, num_q_heads=4, num_kv_heads=1, head_size=64, block_size=16,
+                           kv_cache_dtype="fp8")
+    monkeypatch.setattr(decode_mod, "_launch", lambda *a: None)
+    paged_decode_attention(**fp8)
+    plan = list(decode_mod._PLANS.values())[-1]
+    assert plan.splits > decode_mod.FUSED_MERGE_MAX_SPLITS and plan.merges and plan.capture_plan is None
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])

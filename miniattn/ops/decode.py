@@ -623,16 +623,18 @@ def _capability(device: torch.device) -> tuple:
 #: compare (clear `_PLANS` after).
 FUSED_MERGE_ENABLED = True
 FUSED_MERGE_MAX_SPLITS = 16
-#: Outside a CUDA graph capture, a call whose split needs the merge kernel (more pieces than
-#: FUSED_MERGE_MAX_SPLITS) and whose length bucket holds at most EAGER_ONE_LAUNCH_MAX_BYTES of keys
-#: and values fuses at most EAGER_FUSED_MAX_SPLITS pieces instead: one launch. A second launch
+#: Outside a CUDA graph capture, a call with a 16-bit cache whose split needs the merge kernel (more
+#: pieces than FUSED_MERGE_MAX_SPLITS) and whose length bucket holds at most EAGER_ONE_LAUNCH_MAX_BYTES
+#: of keys and values fuses at most EAGER_FUSED_MAX_SPLITS pieces instead: one launch. A second launch
 #: costs the host 5-8 µs on the H200 machine, which a graph hides and an eager call pays, while the
 #: GPU time lost is 0-2.5 µs (H200, results/paged_decode_tune_h200_s10r1, graph / host-loop µs, the
 #: merge kernel -> 32 fused pieces: b1 x 2048 13.9 / 27.1 -> 14.25 / 19.5, b1 x 4096 15.8 / 26.5 ->
 #: 17.75 / 20.5, b1 x 8192 21.05 / 19.1 -> 23.55 / 15.65, b2 x 4096 22.2 / 17.8 -> 22.2 / 13.55).
 #: Captured calls keep the split that is fastest on the GPU (the plan's `capture_plan`, compiled by
 #: the first eager call); above the byte limit the kernel, not the host, sets the pace (b2 x 8192:
-#: 32.35 / 25.1 either way). The benchmarks switch it off to compare (clear `_PLANS` after).
+#: 32.35 / 25.1 either way). Not for FP8 caches, whose one-warp programs merge 32 pieces slowly (b1 x
+#: 4096 13.3 -> 17.75 µs, b1 x 8192 16.0 -> 21.15). The benchmarks switch it off to compare (clear
+#: `_PLANS` after).
 EAGER_ONE_LAUNCH_ENABLED = True
 EAGER_FUSED_MAX_SPLITS = 32
 EAGER_ONE_LAUNCH_MAX_BYTES = 32 << 20
@@ -899,7 +901,7 @@ def _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout
     fused = FUSED_MERGE_ENABLED and 1 < num_splits <= (FUSED_MERGE_MAX_SPLITS if fused_max is None else fused_max)
     plan.capture_plan, plan.capture_warm = None, True
     bucket_bytes = batch * bucket * num_kv_heads * (head_k * kc.element_size() + head_v * vc.element_size())
-    if (chosen and num_splits > 1 and not fused and FUSED_MERGE_ENABLED and EAGER_ONE_LAUNCH_ENABLED
+    if (chosen and num_splits > 1 and not fused and not fp8 and FUSED_MERGE_ENABLED and EAGER_ONE_LAUNCH_ENABLED
             and bucket_bytes <= EAGER_ONE_LAUNCH_MAX_BYTES):
         eager = _build_plan(query, key_cache, value_cache, block_tables, seq_lens, kv_layout, scale,
                             kv_cache_dtype, k_scale, v_scale, out, min(num_splits, EAGER_FUSED_MAX_SPLITS),
