@@ -350,9 +350,9 @@ def _tune_experiments():
     back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
     allocation order instead of through the random table; "_skip_merge": True launches the main
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
-    Each tuning round replaces this set with its question (the set here, s10r2: b16 x 512 and
-    b16 x 4096 with 2 pieces pipelined 5 deep (session 5 found that faster at b16 x 512) or unsplit,
-    against the heuristic's 4 pieces, two alternating rounds);
+    Each tuning round replaces this set with its question (the set here, s10r3: short rows (512-1024
+    tokens) unsplit with deeper pipelines (3-5 stages) against the heuristic, batch 16-128, two
+    alternating rounds);
     earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json
     (s6r1: evict-first key/value loads, no change; s6r2: random against sequential tables; s6r3: the
     merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level fused merge above 16 pieces, slower by
@@ -370,13 +370,15 @@ def _tune_experiments():
     s9r3: block offsets by an inline-PTX mul.wide: Triton 3.6 then stops pipelining the copies, 3x slower;
     s9r4, written, not run: SWAP_AB / KV_SAME on and off, measured with benchmarks/ab_decode.py instead;
     s10r1: 16 / 32 fused pieces where the heuristic's split needs the merge kernel: one launch costs
-    0-2.5 µs of GPU time and saves 4-8 µs of host, taken for eager calls, EAGER_ONE_LAUNCH_ENABLED)."""
+    0-2.5 µs of GPU time and saves 4-8 µs of host, taken for eager calls, EAGER_ONE_LAUNCH_ENABLED;
+    s10r2: b16 x 512 / 4096 with 2 pieces 5 deep or unsplit: b16 x 512 unsplit 5 deep 19.35 against
+    19.8, 2 pieces slower everywhere)."""
     exps = []
+    deep = {(16, 512): [5, 4, 3, 2], (32, 512): [5, 3], (64, 512): [5, 3], (128, 512): [5, 3], (16, 1024): [5, 3]}
     for _ in range(2):  # two alternating rounds
-        for b, c in [(16, 512), (16, 4096)]:
-            exps += [(b, c, "auto", "NHD", None, None, {}), (b, c, "auto", "NHD", (64, 4, 5, 3), 2, {}),
-                     (b, c, "auto", "NHD", (64, 2, 5, 3), 2, {}), (b, c, "auto", "NHD", None, 2, {}),
-                     (b, c, "auto", "NHD", (64, 4, 5, 3), 1, {})]
+        for (b, c), stages in deep.items():
+            exps.append((b, c, "auto", "NHD", None, None, {}))
+            exps += [(b, c, "auto", "NHD", (64, 4, st, 3 if st > 3 else 4), 1, {}) for st in stages]
     return exps
 
 
