@@ -372,7 +372,9 @@ def _tune_experiments():
     s10r1: 16 / 32 fused pieces where the heuristic's split needs the merge kernel: one launch costs
     0-2.5 µs of GPU time and saves 4-8 µs of host, taken for eager calls, EAGER_ONE_LAUNCH_ENABLED;
     s10r2: b16 x 512 / 4096 with 2 pieces 5 deep or unsplit: b16 x 512 unsplit 5 deep 19.35 against
-    19.8, 2 pieces slower everywhere)."""
+    19.8, 2 pieces slower everywhere; s10r3: short rows unsplit 3-5 deep: 5 deep wins at b16 x 512
+    (19.45 vs 19.85) and b32 x 512 (29.2 vs 29.9) only, loses at b16 x 1024, b64 / b128 x 512; 2-4
+    deep unsplit 25 µs at b16 x 512: not adopted, a two-point window)."""
     exps = []
     deep = {(16, 512): [5, 4, 3, 2], (32, 512): [5, 3], (64, 512): [5, 3], (128, 512): [5, 3], (16, 1024): [5, 3]}
     for _ in range(2):  # two alternating rounds
