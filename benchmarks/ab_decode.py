@@ -11,15 +11,18 @@ Python from putting this script's directory (a checkout's root) ahead of PYTHONP
     done
     python benchmarks/ab_decode.py --summary ab.jsonl
 
-Inputs as in benchmark_paged_decode.py (32 q / 8 kv heads x 128, block 16, bf16 and FP8 e4m3 with
-per-tensor scales, random block tables over the whole pool); torch SDPA on a contiguous cache at b16 x
-4096 as the yardstick of the run. They are built here rather than by that script's `make_inputs`:
-importing it puts its checkout's root first on sys.path, which would pick the tree under test.
+Inputs are benchmark_paged_decode.py's (`decode_inputs.make_inputs`, loaded by file path so that
+no checkout goes on sys.path: 32 q / 8 kv heads x 128, block 16, bf16, and FP8 e4m3 with per-tensor
+scales, random block tables over the whole pool); torch SDPA on a contiguous cache at b16 x 4096 as
+the yardstick of the run.
 """
 
 import collections
+import importlib.util
 import json
+import os
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,16 @@ POINTS = [(1, 512), (1, 4096), (1, 16384), (16, 512), (16, 4096), (16, 16384), (
           (64, 16384), (16, 4101), (64, 4101)]  # 4101: rows ending inside a step (the peeled last step)
 PAGED5D_POINTS = ((16, 4096), (64, 4096))
 FP8 = torch.float8_e4m3fn
+SHAPE = types.SimpleNamespace(dtype="bf16", block_size=16, num_q_heads=32, num_kv_heads=8, head_size=128)
+
+
+def _make_inputs():
+    """`decode_inputs.make_inputs`, from the file next to this script (sys.path untouched)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_inputs.py")
+    spec = importlib.util.spec_from_file_location("decode_inputs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.make_inputs
 
 
 def run(label):
@@ -36,15 +49,11 @@ def run(label):
     from miniattn.ops import decode as d
 
     print(json.dumps(dict(label=label, env=timing.env_info(), tree=d.__file__)), flush=True)
+    make_inputs = _make_inputs()
     for b, c in POINTS:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        mb = -(-c // 16)
-        nb = b * mb
-        k = torch.randn(nb, 16, 8, 128, dtype=torch.bfloat16, device="cuda", generator=g)
-        v = torch.randn_like(k)
-        bt = torch.randperm(nb, device="cuda", generator=g).to(torch.int32).reshape(b, mb)
-        sl = torch.full((b,), c, dtype=torch.int32, device="cuda")
-        q = torch.randn(b, 32, 128, dtype=torch.bfloat16, device="cuda", generator=g)
+        inp = make_inputs(b, c, SHAPE)
+        k, v, bt, sl, q = inp["k"], inp["v"], inp["block_tables"], inp["seq_lens"], inp["query"]
+        del inp
         s1 = torch.tensor([0.25], device="cuda")
         k8, v8 = (k / s1).to(FP8), (v / s1).to(FP8)
         for lay in ["NHD"] + (["paged5d"] if (b, c) in PAGED5D_POINTS else []):

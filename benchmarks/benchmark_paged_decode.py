@@ -40,7 +40,8 @@ from miniattn.ops import decode as decode_mod  # noqa: E402
 from miniattn.ops.decode import paged_decode_attention  # noqa: E402
 from miniattn.ops.launch import DirectLaunch  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_inputs import DTYPES, make_inputs  # noqa: E402
 FP8 = torch.float8_e4m3fn
 
 
@@ -91,21 +92,6 @@ def kv_bytes(batch, ctx, a, elem):
 # ------------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------------
-
-def make_inputs(batch, ctx, a, seed=0):
-    """NHD caches holding exactly batch x ctx tokens' blocks, a random block table over all of them."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dt = DTYPES[a.dtype]
-    bs = a.block_size
-    max_blocks = -(-ctx // bs)
-    num_blocks = batch * max_blocks
-    k = torch.randn(num_blocks, bs, a.num_kv_heads, a.head_size, dtype=dt, device="cuda", generator=g)
-    v = torch.randn(num_blocks, bs, a.num_kv_heads, a.head_size, dtype=dt, device="cuda", generator=g)
-    bt = torch.randperm(num_blocks, device="cuda", generator=g).to(torch.int32).reshape(batch, max_blocks)
-    sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, a.num_q_heads, a.head_size, dtype=dt, device="cuda", generator=g)
-    return dict(k=k, v=v, block_tables=bt, seq_lens=sl, query=q)
-
 
 def free():
     gc.collect()
