@@ -13,6 +13,7 @@ and scoped modes assemble to the same LDGSTS form and were not run); not pursued
         python -P benchmarks/evict_first_probe.py evict1 >> ab.jsonl
 
 Give each variant its own TRITON_CACHE_DIR (the hook is not part of Triton's cache key).
+PROBE_SCRIPT=benchmark_paged_decode.py runs that script instead (e.g. with --flush-probe).
 """
 import os
 import re
@@ -51,5 +52,5 @@ def hook(self, stages, options, language, capability):
 if MODE != "0":
     knobs.runtime.add_stages_inspection_hook = hook
 here = os.path.dirname(os.path.abspath(__file__))
-sys.argv = [os.path.join(here, "ab_decode.py")] + sys.argv[1:]
+sys.argv = [os.path.join(here, os.environ.get("PROBE_SCRIPT", "ab_decode.py"))] + sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
