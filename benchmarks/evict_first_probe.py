@@ -5,9 +5,11 @@ timed call starts) could stay out of the timed call.
 Triton 3.6 (the GPU machine's) drops `eviction_policy` on loads it pipelines into cp.async (Triton
 3.9 keeps it: `cp.async.cg.shared.global.L2::cache_hint ..., policy` after a `createpolicy`), so
 session 6's evict-first run (s6r1) had no hint in its kernels. This probe rewrites the kernel's PTX
-through Triton's stages hook into what 3.9 emits. Result on the H200: the rewritten kernels fault
-with an illegal instruction (mode cg, assembled by Triton's ptxas 12.8 and by CUDA 13.0's; the ca
-and scoped modes assemble to the same LDGSTS form and were not run); not pursued.
+through Triton's stages hook into what 3.9 emits. Results on the H200 (benchmarks/README.md,
+session 10): assembled by Triton's ptxas 12.8 or CUDA 13.0's the hinted kernels fault (illegal
+instruction: the hinted LDGSTS gets uniform registers nothing writes); with CUDA 13.4's ptxas
+(TRITON_PTXAS_PATH) they run, faster at small points by moving do_bench's flush write-back past the
+timed call, slower by 5-30% at large ones. Only mode cg was run on the GPU.
 
     EVICT_FIRST=cg|ca|scoped TRITON_CACHE_DIR=/tmp/tc_evict PYTHONPATH=$PWD \
         python -P benchmarks/evict_first_probe.py evict1 >> ab.jsonl
