@@ -340,7 +340,8 @@ def _tune_experiments():
     tokens) unsplit with deeper pipelines (3-5 stages) against the heuristic, batch 16-128, two
     alternating rounds);
     earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json
-    (s6r1: evict-first key/value loads, no change, but Triton 3.6 had dropped the hint on the copies; s6r2: random against sequential tables; s6r3: the
+    (s6r1: evict-first key/value loads, no change, but Triton 3.6 had dropped the hint on the copies;
+    s6r2: random against sequential tables; s6r3: the
     merge kernel's share at b1, 2.1-2.7 µs; s6r4: a two-level fused merge above 16 pieces, slower by
     1-3.6 µs, reverted; s6r5: the first step's block ids
     gathered before seq_len, adopted for 16-bit caches; s7r1: HND / NHD, 4 q rows,

@@ -33,8 +33,9 @@ the merge is done inside the main kernel: each program counts its arrival on an 
 others' partials, writes the output and puts the counter back to 0; one launch per call. With more
 pieces `_paged_decode_reduce_kernel` merges them (a second launch, since one program merging 64
 partials is slower); outside a graph capture, where a launch costs the host more than the GPU time
-a few more fused pieces lose, small such calls fuse up to EAGER_FUSED_MAX_SPLITS pieces instead. Empty pieces write nothing, and the merge recomputes how many pieces exist, so
-no partial needs clearing. Because the split length is derived on the device, the grid depends only on
+a few more fused pieces lose, small such calls fuse up to EAGER_FUSED_MAX_SPLITS pieces instead.
+Empty pieces write nothing, and the merge recomputes how many pieces exist, so no partial needs
+clearing. Because the split length is derived on the device, the grid depends only on
 (batch, heads, NUM_SPLITS): see "CUDA graphs" in `paged_decode_attention`. On sm_90+ the merge kernel
 is a programmatic dependent launch (PDL): the main kernel's programs allow it to be scheduled as they
 start, and it reads seq_len while waiting, then `gdc_wait`s for the main grid before reading the
@@ -623,16 +624,17 @@ def _capability(device: torch.device) -> tuple:
 #: compare (clear `_PLANS` after).
 FUSED_MERGE_ENABLED = True
 FUSED_MERGE_MAX_SPLITS = 16
-#: Outside a CUDA graph capture, a call with a 16-bit cache whose split needs the merge kernel (more
-#: pieces than FUSED_MERGE_MAX_SPLITS) and whose length bucket holds at most EAGER_ONE_LAUNCH_MAX_BYTES
-#: of keys and values fuses at most EAGER_FUSED_MAX_SPLITS pieces instead: one launch. A second launch
+#: Outside a CUDA graph capture, a call with a cache in the model dtype (not FP8) whose split needs
+#: the merge kernel (more pieces than FUSED_MERGE_MAX_SPLITS) and whose length bucket holds at most
+#: EAGER_ONE_LAUNCH_MAX_BYTES of keys and values fuses at most EAGER_FUSED_MAX_SPLITS pieces instead:
+#: one launch. A second launch
 #: costs the host 5-8 µs on the H200 machine, which a graph hides and an eager call pays, while the
 #: GPU time lost is 0-2.5 µs (H200, results/paged_decode_tune_h200_s10r1, graph / host-loop µs, the
 #: merge kernel -> 32 fused pieces: b1 x 2048 13.9 / 27.1 -> 14.25 / 19.5, b1 x 4096 15.8 / 26.5 ->
 #: 17.75 / 20.5, b1 x 8192 21.05 / 19.1 -> 23.55 / 15.65, b2 x 4096 22.2 / 17.8 -> 22.2 / 13.55).
 #: Captured calls keep the split that is fastest on the GPU (the plan's `capture_plan`, compiled by
 #: the first eager call); above the byte limit the kernel, not the host, sets the pace (b2 x 8192:
-#: 32.35 / 25.1 either way). Not for FP8 caches, whose one-warp programs merge 32 pieces slowly (b1 x
+#: 32.35 / 25.1 -> 32.3 / 26.0). Not for FP8 caches, whose one-warp programs merge 32 pieces slowly (b1 x
 #: 4096 13.3 -> 17.75 µs, b1 x 8192 16.0 -> 21.15). The benchmarks switch it off to compare (clear
 #: `_PLANS` after).
 EAGER_ONE_LAUNCH_ENABLED = True
