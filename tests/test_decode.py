@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from miniattn.layout import allocate_kv_caches, from_nhd, split_combined_cache
+from miniattn.timing import capture_graph
 from miniattn.ops import decode as decode_mod
 from miniattn.ops.decode import choose_num_splits, paged_decode_attention
 from miniattn.ops.cache_write import reshape_and_cache, reshape_and_cache_flash
@@ -615,15 +616,7 @@ def test_cuda_graph_replay_with_new_lengths(monkeypatch, fused):
     _seed("graph")
     case = make_case("NHD", 32, 8, 128, 16, (1000, 200, 0, 64), extra_blocks=40)
     out = torch.empty(4, 32, 128, dtype=torch.bfloat16, device=DEVICE)
-    run = lambda: paged_decode_attention(**case, out=out)  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
+    g = capture_graph(lambda: paged_decode_attention(**case, out=out), warmup_calls=1)
     (plan,) = decode_mod._PLANS.values()
     assert plan.splits > 1 and plan.merges == (not fused)
     for lens in ((1000, 200, 0, 64), (3, 999, 17, 0), (0, 0, 0, 0), (512, 1, 1000, 777)):
@@ -650,12 +643,7 @@ def test_cuda_graph_capture_takes_capture_plan(monkeypatch):
     case["block_tables"] = case["block_tables"][:1].contiguous()
     out = torch.empty(1, 32, 128, dtype=torch.bfloat16, device=DEVICE)
     run = lambda: paged_decode_attention(**case, out=out)  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-        run()
-    torch.cuda.current_stream().wait_stream(s)
+    run()  # the plan, both plans' compilation and raw-address handles
     (plan,) = decode_mod._PLANS.values()
     assert plan.capture_plan is not None and not plan.merges and plan.capture_plan.merges
     calls = []
@@ -667,10 +655,8 @@ def test_cuda_graph_capture_takes_capture_plan(monkeypatch):
             calls.append(_n)
             return _f(*a)
         p.direct = DirectLaunch(counted, d.head, d.spread, d.kind)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    assert calls == ["capture"]
+    g = capture_graph(run, warmup_calls=1)  # an eager warm-up call, then the capture
+    assert calls == ["eager", "capture"]
     for n in (4096, 1, 0, 2049):
         case["seq_lens"].fill_(n)
         out.fill_(float("nan"))
@@ -678,7 +664,7 @@ def test_cuda_graph_capture_takes_capture_plan(monkeypatch):
         torch.cuda.synchronize()
         assert rel_err(out, paged_decode_attention_ref(**case)) <= 1e-2
     run()
-    assert calls == ["capture", "eager"]
+    assert calls == ["eager", "capture", "eager"]
     assert rel_err(out, paged_decode_attention_ref(**case)) <= 1e-2
 
 
