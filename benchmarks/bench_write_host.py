@@ -76,7 +76,7 @@ def main():
         op()
         sig = cw._signature("NHD", key, value, kc, vc, slots, "auto", None, None)
         plan = cw._PLANS[sig]
-        ptrs = (key, value, kc, vc, slots, slots, slots, slots)
+        ptrs = (key, value, kc, vc, slots, slots, slots)
         if not plan.compiled:
             raise SystemExit("the op did not take its direct-launch path (Triton without warmup/run handles?)")
         # Triton's own launcher for the same compiled kernel (the op's handle skips its Python layer)

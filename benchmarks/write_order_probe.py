@@ -1,7 +1,7 @@
-"""Does writing the tokens in slot order pay for its sort? The cache write with random destinations
-against the same write with the slot mapping sorted first (`cache_write`'s ORDERED kernel: program i
-writes token order[i] to the i-th smallest slot), timed with the sort, next to the sort alone and the
-same kernel on slot patterns that need no sort.
+"""What do the write's destinations cost, and would writing the tokens in slot order pay for a sort?
+The cache write on four slot patterns of the same size, next to torch.sort of the slot mapping alone.
+(Session 11 also timed a kernel that sorted in the call and wrote token order[i] to the i-th smallest
+slot, commit fd5c8b4, reverted: its rows "-> sorted in the call" are in results/write_order_probe_h200*.)
 
 Slot patterns (each a set of distinct slots over the whole pool):
   random     a random subset in random order (vLLM's benchmark, the write sweep's default)
@@ -10,8 +10,8 @@ Slot patterns (each a set of distinct slots over the whole pool):
   sequential slots 0 .. n-1
 
 Every timed cell is graph-replayed (do_bench medians, cold L2), measured twice in alternating rounds;
-% copy is of the 1 GiB copy ceiling measured in the same run. Each ordered cell is checked against the
-plain write (caches poisoned first).
+% copy is of the 1 GiB copy ceiling measured in the same run. The sorted pattern's write is checked
+(caches poisoned first).
 
     python benchmarks/write_order_probe.py [--cases 128:16384:16384,65536 8:65536:4096,16384,65536]
 """
@@ -43,21 +43,19 @@ def slot_pattern(kind: str, n: int, num_blocks: int, block_size: int, gen, devic
     return torch.sort(s).values if kind == "sorted" else s
 
 
-def write(args, kc, vc, key, value, slots, ordered: bool):
-    cache_write._SORT_OVERRIDE = ordered
-    cache_write._PLANS.clear()
+def write(args, kc, vc, key, value, slots):
     fn = lambda: cache_write.reshape_and_cache_flash(key, value, kc, vc, slots, kv_layout=args.layout)  # noqa: E731
     fn()  # compile and plan outside the timing
     return fn
 
 
 def check(args, kc, vc, key, value, slots, rows: int = 4096) -> bool:
-    """The ordered write puts each token where the plain one does and leaves other slots alone
-    (caches poisoned first; the first `rows` tokens and `rows` untouched slots are compared)."""
+    """Each token lands in its slot and other slots stay as they were (caches poisoned first; the
+    first `rows` tokens and `rows` untouched slots are compared)."""
     bs = args.block_size
     for c in (kc, vc):
         c.view(torch.uint8).fill_(0xFF)
-    write(args, kc, vc, key, value, slots, True)
+    write(args, kc, vc, key, value, slots)
     torch.cuda.synchronize()
 
     def rows_at(c, s):
@@ -85,33 +83,23 @@ def run_case(args, heads: int, num_blocks: int, tokens: list[int], ceiling: floa
         cells = {}
         for kind in ("random", "pages", "sorted", "sequential"):
             slots = slot_pattern(kind, n, num_blocks, args.block_size, g, dev)
-            cells[(kind, False)] = write(args, kc, vc, key[:n], value[:n], slots, False)
-            if kind in ("random", "pages"):
-                cells[(kind, True)] = write(args, kc, vc, key[:n], value[:n], slots, True)
-                if kind == "random":
-                    if not check(args, kc, vc, key[:n], value[:n], slots):
-                        raise SystemExit(f"ordered write differs from the plain one: {heads} heads x {n} tokens")
+            if kind == "sorted" and not check(args, kc, vc, key[:n], value[:n], slots):
+                raise SystemExit(f"a token missed its slot: {heads} heads x {n} tokens")
+            cells[kind] = (write(args, kc, vc, key[:n], value[:n], slots), True)
+            if kind == "random":
                 s64, s32 = slots.clone(), slots.to(torch.int32)
-                cells[(kind + " sort only int64", None)] = lambda s=s64: torch.sort(s)
-                cells[(kind + " sort only int32", None)] = lambda s=s32: torch.sort(s)
+                cells["torch.sort of the slots, int64"] = (lambda s=s64: torch.sort(s), False)
+                cells["torch.sort of the slots, int32"] = (lambda s=s32: torch.sort(s), False)
         times = {k: [] for k in cells}
         for _ in range(args.rounds):
-            for k, fn in cells.items():
-                if k[1] is not None:
-                    cache_write._SORT_OVERRIDE = k[1]
-                    cache_write._PLANS.clear()
-                    fn()
+            for k, (fn, _) in cells.items():
                 times[k].append(timing.time_graph(fn))
-        cache_write._SORT_OVERRIDE = None
-        cache_write._PLANS.clear()
-        for (kind, ordered), us in times.items():
+        for kind, us in times.items():
             med = sorted(us)[len(us) // 2]
-            pct = None if ordered is None else 100 * nbytes / med / 1e3 / ceiling
-            label = kind if ordered is None else f"{kind}{' -> sorted in the call' if ordered else ''}"
-            rows.append(dict(heads=heads, num_blocks=num_blocks, tokens=n, what=label, us=us,
-                             pct_copy=pct))
+            pct = 100 * nbytes / med / 1e3 / ceiling if cells[kind][1] else None
+            rows.append(dict(heads=heads, num_blocks=num_blocks, tokens=n, what=kind, us=us, pct_copy=pct))
             ptxt = "" if pct is None else f"{pct:.1f}"
-            print(f"| {heads} | {n} | {label} | {' / '.join(f'{u:.1f}' for u in us)} | {ptxt} |", flush=True)
+            print(f"| {heads} | {n} | {kind} | {' / '.join(f'{u:.1f}' for u in us)} | {ptxt} |", flush=True)
     del kc, vc, key, value
     torch.cuda.empty_cache()
 

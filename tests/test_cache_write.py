@@ -124,35 +124,6 @@ def test_padded_rows_inputs(kv_layout):
     check_exact(kv_layout, key, value, kc, vc, random_slots(7, 24, gen, num_padding=1))
 
 
-@pytest.mark.parametrize("kv_layout,kv_cache_dtype,slot_dtype", [
-    ("NHD", "auto", torch.int64), ("HND", "auto", torch.int32), ("paged5d", "auto", torch.int64),
-    ("NHD", "fp8", torch.int64)])
-def test_written_in_slot_order(kv_layout, kv_cache_dtype, slot_dtype, monkeypatch):
-    """The ORDERED kernel (slots sorted in the call, program i writes token order[i]) writes what the
-    plain one does: padding sorted to the front, strided inputs, every other byte untouched."""
-    monkeypatch.setattr(cache_write, "_SORT_OVERRIDE", True)
-    cache_write._PLANS.clear()
-    try:
-        key, value, kc, vc, slots = make_case(kv_layout, torch.bfloat16, 13, 2, 64, 8, seed=21,
-                                              kv_cache_dtype=kv_cache_dtype)
-        key = torch.cat([key, key], 1)[:, ::2]  # a strided view holding the same rows
-        kw = {}
-        if kv_cache_dtype != "auto":
-            kw = dict(kv_cache_dtype=kv_cache_dtype, k_scale=torch.tensor([0.05], device=DEVICE),
-                      v_scale=torch.tensor([0.03], device=DEVICE))
-        kc_ref, vc_ref = kc.clone(), vc.clone()
-        write(kv_layout, key, value, kc, vc, slots.to(slot_dtype), **kw)
-        assert next(iter(cache_write._PLANS.values())).sort
-        reshape_and_cache_ref(key, value, kc_ref, vc_ref, slots, kv_layout=kv_layout, **kw)
-        if kv_cache_dtype == "auto":
-            assert torch.equal(as_bytes(kc), as_bytes(kc_ref)) and torch.equal(as_bytes(vc), as_bytes(vc_ref))
-        else:
-            assert_fp8_close(kc, kc_ref, "key cache")
-            assert_fp8_close(vc, vc_ref, "value cache")
-    finally:
-        cache_write._PLANS.clear()
-
-
 def test_inputs_longer_than_slot_mapping():
     """As in vLLM: rows past len(slot_mapping) (CUDA-graph padding) are ignored."""
     key, value, kc, vc, slots = make_case("NHD", torch.float16, 8, 2, 64, 16, seed=11)

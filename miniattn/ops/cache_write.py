@@ -102,8 +102,7 @@ def _reshape_and_cache_kernel(
     value_ptr,  # [num_tokens, num_kv_heads, head_size_v]; same dtype, last dim contiguous
     key_cache_ptr,  # paged key cache (NHD / HND / paged5d), addressed through kc_* strides
     value_cache_ptr,  # paged value cache, addressed through vc_* strides
-    slot_mapping_ptr,  # [num_tokens] int64 or int32; < 0 = padding, skipped (ORDERED: sorted ascending)
-    order_ptr,  # ORDERED: [num_tokens] int64, the token whose slot slot_mapping[i] is (any pointer otherwise)
+    slot_mapping_ptr,  # [num_tokens] int64 or int32; < 0 = padding, skipped
     k_scale_ptr,  # FP8: [1] or [num_kv_heads] float32 (any pointer otherwise, unused)
     v_scale_ptr,  # FP8: [1] or [num_kv_heads] float32 (any pointer otherwise, unused)
     # geometry
@@ -137,10 +136,9 @@ def _reshape_and_cache_kernel(
     K_SCALE_PER_HEAD: tl.constexpr,  # FP8: k_scale is [num_kv_heads] (else one element)
     V_SCALE_PER_HEAD: tl.constexpr,  # FP8: v_scale is [num_kv_heads] (else one element)
     ROUND_ON_GRID: tl.constexpr,  # interpreter only, see _round_to_fp8_grid
-    ORDERED: tl.constexpr,  # program i writes the token order[i] to slot_mapping[i] (slots in order)
 ):
     pid = tl.program_id(0)
-    i = pid // NUM_HEAD_BLOCKS
+    tok = pid // NUM_HEAD_BLOCKS
     heads = (pid % NUM_HEAD_BLOCKS) * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
@@ -150,11 +148,8 @@ def _reshape_and_cache_kernel(
 
     # Three independent loads, all in flight at once. Padding tokens' rows are read too: they exist
     # (key/value have num_tokens rows) and making the loads wait for the slot would cost a latency.
-    slot = tl.load(slot_mapping_ptr + i).to(tl.int64)
-    if ORDERED:  # the key/value loads wait for this one (a latency the resident programs hide)
-        tok = tl.load(order_ptr + i)
-    else:
-        tok = i.to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    tok = tok.to(tl.int64)
     k = tl.load(key_ptr + tok * key_stride_tok + heads[:, None] * key_stride_head + dk[None, :], mask=k_mask)
     v = tl.load(value_ptr + tok * value_stride_tok + heads[:, None] * value_stride_head + dv[None, :], mask=v_mask)
     if FP8_FORMAT != 0:
@@ -211,16 +206,6 @@ _LAUNCH = Launcher(_reshape_and_cache_kernel) if triton_available() else None
 _PLANS: dict = {}
 #: (heads_per_program, num_warps) forced by benchmarks/tuning; None = the heuristic below.
 _CONFIG_OVERRIDE: tuple | None = None
-#: True / False forces writing in slot order (`_sort_slots`) for benchmarks; None = the rule there.
-_SORT_OVERRIDE: bool | None = None
-
-
-def _sort_slots(num_tokens: int, token_bytes: int, device: torch.device) -> bool:
-    """Write the tokens in slot order: sort the slot mapping first (torch.sort) and let program i write
-    token order[i] to the i-th smallest slot (the kernel's ORDERED)."""
-    if _SORT_OVERRIDE is not None:
-        return _SORT_OVERRIDE
-    return False
 
 
 def _next_pow2(n: int) -> int:
@@ -271,7 +256,7 @@ class _Plan:
     """A validated argument configuration: what to launch (or that the reference must run)."""
 
     __slots__ = ("grid", "ints", "consts", "num_warps", "use_ref", "fp8", "num_slots", "num_tokens", "kv_layout",
-                 "device_index", "compiled", "tail", "sort")
+                 "device_index", "compiled", "tail")
 
 
 def _fail(cls, msg):
@@ -396,10 +381,8 @@ def _make_plan(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_c
     )
     k_per_head = bool(fp8) and num_kv_heads > 1 and k_scale.numel() == num_kv_heads
     v_per_head = bool(fp8) and num_kv_heads > 1 and v_scale.numel() == num_kv_heads
-    token_bytes = num_kv_heads * (head_size_k + head_size_v) * (key.element_size() + key_cache.element_size())
-    plan.sort = not plan.use_ref and _sort_slots(num_tokens, token_bytes, device)
     plan.consts = (block_size, head_size_k, head_size_v, block_dk, block_dv, hpp, num_head_blocks, key_x, fp8,
-                   k_per_head, v_per_head, interpreting(), plan.sort)
+                   k_per_head, v_per_head, interpreting())
     plan.tail = plan.ints + plan.consts
     return plan
 
@@ -448,26 +431,22 @@ def _write(kv_layout, key, value, key_cache, value_cache, slot_mapping, kv_cache
         return
     if not plan.fp8:  # unused scale pointers
         k_scale = v_scale = slot_mapping
-    if plan.sort:
-        slot_mapping, order = torch.sort(slot_mapping)
-    else:
-        order = slot_mapping  # unused
     direct = plan.compiled
     if direct:
         # Hot path: everything was validated for this configuration; the kernel is compiled for all
         # pointers 16-byte aligned. Raw addresses spare Triton's C launcher a data_ptr() call and a
         # cuPointerGetAttribute per pointer; a profiler's launch hooks need the full path below.
         k, v, sm = key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr()
-        kc, vc, od = key_cache.data_ptr(), value_cache.data_ptr(), order.data_ptr()
+        kc, vc = key_cache.data_ptr(), value_cache.data_ptr()
         ks, vs = (k_scale.data_ptr(), v_scale.data_ptr()) if plan.fp8 else (sm, sm)
-        if (k | v | kc | vc | sm | od | ks | vs) & 15 == 0 and not launch.hooks_installed():
+        if (k | v | kc | vc | sm | ks | vs) & 15 == 0 and not launch.hooks_installed():
             stream = torch._C._cuda_getCurrentRawStream(plan.device_index)
             if direct.spread:  # `launch.DirectLaunch.__call__`, inlined
-                direct.fn(plan.grid[0], 1, 1, stream, *direct.head, k, v, kc, vc, sm, od, ks, vs, *plan.tail)
+                direct.fn(plan.grid[0], 1, 1, stream, *direct.head, k, v, kc, vc, sm, ks, vs, *plan.tail)
             else:
-                direct.fn(plan.grid[0], 1, 1, stream, *direct.head, (k, v, kc, vc, sm, od, ks, vs, *plan.tail))
+                direct.fn(plan.grid[0], 1, 1, stream, *direct.head, (k, v, kc, vc, sm, ks, vs, *plan.tail))
             return
-    ptrs = (key, value, key_cache, value_cache, slot_mapping, order, k_scale, v_scale)
+    ptrs = (key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     _LAUNCH(plan.grid, ptrs, plan.ints, plan.consts, plan.num_warps)
     if plan.compiled is None and plan.device_index is not None and not any(p.data_ptr() & 15 for p in ptrs):
         plan.compiled = launch.compiled_handle(_reshape_and_cache_kernel, plan.grid, ptrs, plan.ints, plan.consts,
