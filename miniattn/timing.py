@@ -48,13 +48,15 @@ def _cpu_median_us(fn: Callable[[], None], reps: int = 5) -> float:
     return statistics.median(ts) * 1e6
 
 
-def capture_graph(fn: Callable[[], None], warmup_calls: int = 2) -> "torch.cuda.CUDAGraph":
-    """A CUDA graph holding one call of `fn` (warmed up on a side stream first)."""
+def capture_graph(fn: Callable[[], None], warmup_calls: int = 2,
+                  warmup: Callable[[], None] | None = None) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph holding one call of `fn`, after `warmup_calls` calls of `warmup` (default: `fn`)
+    on a side stream (compilation, allocator pools, plans: nothing of that may happen in a capture)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(warmup_calls):
-            fn()
+            (warmup or fn)()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):

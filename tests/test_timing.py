@@ -30,3 +30,25 @@ def test_triton_read_sums_every_word(n, block):
     timing.triton_read(words, part, block, 4)
     want = torch.nn.functional.pad(words, (0, part.numel() * block - n)).view(-1, block).sum(1, dtype=torch.int64)
     assert torch.equal(part.long(), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_capture_graph_warms_up_with_its_own_function():
+    """`warmup` runs (twice, before the capture) where `fn` would; the graph holds `fn` alone."""
+    calls = []
+    x = torch.zeros(4, device="cuda")
+
+    def warm():
+        calls.append("warmup")
+        x.add_(10)
+
+    def fn():
+        calls.append("capture")
+        x.add_(1)
+
+    g = timing.capture_graph(fn, warmup=warm)
+    assert calls == ["warmup", "warmup", "capture"]
+    before = x.clone()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(x, before + 1)

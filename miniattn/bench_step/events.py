@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..step_timer import StepTimer
+from ..timing import capture_graph
 
 __all__ = ["EventSplit", "event_split", "graph_event_split", "GraphRegions", "CALIBRATED", "sleep_cycles_per_us"]
 
@@ -231,20 +232,14 @@ def graph_event_split(engine, batch, reps: int = 5) -> EventSplit:
         with timer.region("step"):
             return runner.forward_decode(ids, b, timer)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    timer.active = True
-    try:
-        with torch.cuda.graph(g):
-            step()
-    finally:
-        timer.active = False
-    torch.cuda.synchronize()
+    def timed_step():  # the events go into the graph only: the warm-up steps record none
+        timer.active = True
+        try:
+            return step()
+        finally:
+            timer.active = False
+
+    g = capture_graph(timed_step, warmup=step)
     runs = []
     for _ in range(reps + 1):
         g.replay()
