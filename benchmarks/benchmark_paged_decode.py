@@ -336,9 +336,10 @@ def _tune_experiments():
     back after it. Harness options (not module settings): "_table": "sequential" reads the blocks in
     allocation order instead of through the random table; "_skip_merge": True launches the main
     kernel alone at merge-kernel points (the output is then wrong: a probe of the merge's share).
-    Each tuning round replaces this set with its question (the set here, s10r3: short rows (512-1024
-    tokens) unsplit with deeper pipelines (3-5 stages) against the heuristic, batch 16-128, two
-    alternating rounds);
+    Each tuning round replaces this set with its question (the set here, s11r1: FP8 at b16 x 4096,
+    the one FP8 point above 0.6 x bf16, against split counts 4 / 16, pipeline depths 4 / 6,
+    two-warp and 16-token-step programs and the gather ahead, with b16 x 16384 and b64 x 4096 as
+    controls; two alternating rounds);
     earlier rounds' sets are in git history and their results in results/paged_decode_tune_*.json
     (s6r1: evict-first key/value loads, no change, but Triton 3.6 had dropped the hint on the copies;
     s6r2: random against sequential tables; s6r3: the
@@ -363,11 +364,17 @@ def _tune_experiments():
     (19.45 vs 19.85) and b32 x 512 (29.2 vs 29.9) only, loses at b16 x 1024, b64 / b128 x 512; 2-4
     deep unsplit 25 µs at b16 x 512: not adopted, a two-point window)."""
     exps = []
-    deep = {(16, 512): [5, 4, 3, 2], (32, 512): [5, 3], (64, 512): [5, 3], (128, 512): [5, 3], (16, 1024): [5, 3]}
+    ahead = {"GATHER_AHEAD_ALWAYS": True}
+    variants = {
+        (16, 4096): [(None, None, {}), (None, 4, {}), (None, 16, {}), ((32, 1, 4, 8), None, {}),
+                     ((32, 1, 6, 7), None, {}), ((32, 2, 5, 4), None, {}), ((16, 1, 5, 8), None, {}),
+                     (None, None, ahead)],
+        (16, 16384): [(None, None, {}), ((32, 1, 4, 8), None, {}), ((32, 2, 5, 4), None, {}), (None, None, ahead)],
+        (64, 4096): [(None, None, {}), ((32, 1, 4, 8), None, {}), ((32, 2, 5, 4), None, {}), (None, None, ahead)],
+    }
     for _ in range(2):  # two alternating rounds
-        for (b, c), stages in deep.items():
-            exps.append((b, c, "auto", "NHD", None, None, {}))
-            exps += [(b, c, "auto", "NHD", (64, 4, st, 3 if st > 3 else 4), 1, {}) for st in stages]
+        for (b, c), vs in variants.items():
+            exps += [(b, c, "fp8", "NHD", cfg, ns, knobs) for cfg, ns, knobs in vs]
     return exps
 
 
