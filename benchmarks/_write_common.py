@@ -5,7 +5,8 @@ differ only in their layouts, their defaults and the peers they can call.
 
 Each run ends with a "Targets" table: the issue-2 targets its configuration covers (bf16, head 128,
 block 16: % of copy at 16384 / 65536 tokens, 128 heads at >= 16384, FP8 against the same write into
-caches in the model dtype, timed in FP8 runs as `triton:auto` rows, the host loop at <= 1024 tokens,
+caches in the model dtype, timed in FP8 runs as `triton:auto` rows, the host loop at <= 1024 tokens
+(8 kv heads; or kernel-bound, within 1.05 x the graph time, as the decode benchmark's rule),
 every token count against the fastest peer timed in the same run, paged5d against vLLM CUDA).
 
 Each cell is timed three ways with `miniattn.timing` (the method of ../shared/peers-h100.md):
@@ -400,10 +401,12 @@ def check_targets(args, name: str, rows: list, modes) -> list[dict]:
             add(f"{where}, 128 heads: >= 95% of copy", f"{r['pct_copy']:.1f}%", ">= 95%", r["pct_copy"] >= 95.0)
         ref = by.get((lay, n, AUTO_REF))
         if ref and n >= FP8_TARGET_MIN_TOKENS:
-            add(f"{where}: {args.kv_cache_dtype} <= 0.9 x auto", f"{r[t]:.1f} us ({r[t] / ref[t]:.2f}x)",
-                f"<= {0.9 * ref[t]:.1f} us", r[t] <= 0.9 * ref[t])
-        if "host_us" in r and n <= 1024:
-            add(f"{where}: host loop <= 10 us", f"{r['host_us']:.1f} us", "<= 10 us", r["host_us"] <= 10.0)
+            add(f"{where}: {args.kv_cache_dtype} <= 0.9 x auto", f"{r[t]:.2f} us ({r[t] / ref[t]:.3f}x)",
+                f"<= {0.9 * ref[t]:.2f} us", r[t] <= 0.9 * ref[t])
+        if "host_us" in r and n <= 1024 and args.num_heads == 8:  # as decode's: or kernel-bound (1.05 x graph)
+            bound = max(10.0, 1.05 * r["graph_us"]) if "graph_us" in r else 10.0
+            add(f"{where}: host loop <= 10 us or kernel-bound", f"{r['host_us']:.1f} us", f"<= {bound:.1f} us",
+                r["host_us"] <= bound)
         peers = [p for (pl, pn, pi), p in by.items() if pl == lay and pn == n and pi in _FACTORIES
                  and pi not in ("triton", "torch")]
         v = by.get((lay, n, "vllm_cuda"))
