@@ -117,11 +117,12 @@ class Case:
                     slot_mapping=slots, kv_cache_dtype=self.args.kv_cache_dtype, k_scale=self.k_scale,
                     v_scale=self.v_scale)
 
-    def bytes_moved(self, n: int) -> int:
-        """Bytes a perfect kernel moves: key/value/slot_mapping read, cache rows written."""
+    def bytes_moved(self, n: int, cache_elem_size: int | None = None) -> int:
+        """Bytes a perfect kernel moves: key/value/slot_mapping read, cache rows written (caches of
+        `cache_elem_size` bytes per element if given, else this case's)."""
         a = self.args
         elems = 2 * n * a.num_heads * a.head_size
-        return elems * self.key.element_size() + n * 8 + elems * self.key_cache.element_size()
+        return elems * self.key.element_size() + n * 8 + elems * (cache_elem_size or self.key_cache.element_size())
 
 
 # ---------------------------------------------------------------------------------- implementations
@@ -339,7 +340,7 @@ def run(args, flash: bool, name: str) -> dict:
                         continue
                     inp = dict(inputs, key_cache=auto[0], value_cache=auto[1], kv_cache_dtype="auto",
                                k_scale=None, v_scale=None)
-                    nb, at_size = n * (8 + 4 * args.num_heads * args.head_size * auto[0].element_size()), float("nan")
+                    nb, at_size = case.bytes_moved(n, auto[0].element_size()), float("nan")
                 cache_write._CONFIG_OVERRIDE = cfg
                 cache_write._PLANS.clear()
                 try:

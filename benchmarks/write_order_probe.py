@@ -25,6 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _write_common import measure_ceilings  # noqa: E402
 from miniattn import timing  # noqa: E402
 from miniattn.layout import allocate_kv_caches  # noqa: E402
 from miniattn.ops import cache_write  # noqa: E402
@@ -117,7 +118,7 @@ def main():
     if not timing.has_cuda():
         print("write_order_probe: needs a CUDA GPU")
         return
-    ceiling = max(timing.copy_bandwidth(1 << 30, "eager"), _triton_copy_gbps(1 << 30))
+    ceiling = measure_ceilings()["ceiling"]  # the write benchmarks' copy ceiling (1 GiB each way)
     print(f"# copy ceiling {ceiling:.0f} GB/s; {a.layout}, bf16, head {a.head_size}, block {a.block_size}")
     print("| kv heads | tokens | slots | graph µs (rounds) | % copy |\n|---|---|---|---|---|")
     rows: list = []
@@ -127,15 +128,6 @@ def main():
     out = a.out or os.path.join(RESULTS, f"write_order_probe_{timing.device_tag()}.json")
     timing.write_json(out, dict(vars(a), ceiling_gbps=ceiling), rows)
     print(f"wrote {out}")
-
-
-def _triton_copy_gbps(nbytes: int) -> float:
-    src = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda").random_()
-    dst = torch.empty_like(src)
-    us = timing.time_graph(lambda: timing.triton_copy(dst, src))
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / us / 1e3
 
 
 if __name__ == "__main__":
