@@ -9,6 +9,8 @@
 #   decodetune  decode tests, then launch configs x splits x FP8 widening (`--tune`, TUNE_TAG)
 #   step    decode-step benchmark: validation points (per layer)
 #   sweep   decode-step benchmark: the full sweep
+#   sass    the decode kernel's loop instructions as this machine's Triton compiles them (sass_loops.py)
+#   tma     tma_decode_probe.py: page tiles by TMA copies against the real op, graph µs (TMA_CONFIGS)
 # Logs go to OUTDIR; results (JSON, PNG, logs) are written under benchmarks/results/ and tarred into
 # OUTDIR/results.tgz (the device tool returns at most 8 files). Each stage has its own time limit.
 # Carried wheels (FlashInfer) must already be on PYTHONPATH. Set MINIATTN_GIT_COMMIT to HEAD's hash.
@@ -80,6 +82,14 @@ for stage in "$@"; do
       timeout 560 $S --plot > "$out/sweep.log" 2>&1; rc=$?
       nvidia-smi --query-gpu=$q --format=csv,noheader >> "$out/sweep_gpu_state.txt" 2>&1
       (exit $rc) ;;
+    sass)
+      timeout 200 python benchmarks/sass_loops.py --points 16x4096,64x4096,1x16384 --caches auto,fp8 \
+        --tma 1x4x1,2x4x1 --out "$R/sass_loops_${GPU_TAG}_triton$(python -c 'import triton; print(triton.__version__)').json" \
+        > "$out/sass.log" 2>&1 ;;
+    tma)
+      timeout 400 python benchmarks/tma_decode_probe.py --points 16x4096,64x4096,16x16384,16x512 \
+        --configs "${TMA_CONFIGS:-1x4x1,2x4x1,2x5x1,4x3x1}" --out "$R/tma_decode_probe_$GPU_TAG.json" \
+        > "$out/tma.log" 2>&1 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
   echo "stage $stage: rc=$? $(( $(date +%s) - start )) s" | tee -a "$out/stages.txt"
