@@ -125,12 +125,17 @@ def compile_for(kernel, arch: int, *args, **kwargs):
     """`kernel.warmup(*args, grid=(1,), **kwargs)` for GPU `arch` (90: sm_90) on this machine."""
     from triton.runtime import driver
 
-    before = driver._active  # None until something asked; `reset_active` would look for a real GPU
+    # put back what was active: `reset_active` would look for a real GPU (the default driver);
+    # in older Tritons `active` was a plain attribute (a lazy proxy)
+    if hasattr(driver, "_active"):
+        before, attr = driver._active, "_active"
+    else:  # pragma: no cover - depends on the Triton version
+        before, attr = driver.active, "active"
     driver.set_active(_StandInDriver(arch))
     try:
         return kernel.warmup(*args, grid=(1,), **kwargs)
     finally:
-        driver._active = before
+        setattr(driver, attr, before)
 
 
 def disassemble(compiled) -> tuple:
