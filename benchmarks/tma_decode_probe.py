@@ -12,7 +12,7 @@ head_size] at ((block x heads + head) x block_size, 0).
 The probe kernel walks its split PAGES pages per step (one score dot and one value dot per page, one
 online-softmax update per step), with the split, the fused merge (`decode._merge_pieces`, the same
 arrival counter) and the partial layout of the real kernel, so its graph time compares with the real
-call's. bf16 or FP8 caches (per-tensor scales), NHD / HND, GQA groups of <= 16 q heads; TMA
+call's. bf16 or FP8 caches (per-tensor scales), NHD / HND, a whole GQA group per program; TMA
 coordinates are int32 (caches of < 2^31 rows). Not a library path: it measures whether one would pay.
 Counted before timing (`sass_loops.py --tma`, benchmarks/README "Session 12"): with Triton 3.9 its step
 issues 1.4-3x the gather kernel's instructions per token (the TMA tiles are read back with LDS, not
