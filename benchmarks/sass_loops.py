@@ -161,7 +161,8 @@ def _inputs(batch, ctx, cache, layout, a):
     dt = torch.float16 if a.dtype == "fp16" else torch.bfloat16
     pages = -(-ctx // a.block_size)
     nb = batch * pages
-    k = torch.empty(nb, a.block_size, a.num_kv_heads, a.head_size, dtype=dt if cache == "auto" else torch.float8_e4m3fn)
+    cdt = dt if cache == "auto" else torch.float8_e4m3fn
+    k = torch.empty(nb, a.block_size, a.num_kv_heads, a.head_size, dtype=cdt)
     v = torch.empty_like(k)
     if layout != "NHD":
         k, v = from_nhd(layout, k, v)
