@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import re
@@ -172,25 +173,32 @@ def _inputs(batch, ctx, cache, layout, a):
     return q, k, v, bt, sl
 
 
-def decode_kernel_sass(batch, ctx, cache, layout, a):
-    """(row dict, SASS listing) of the main decode kernel that a call at this point launches on the GPU
-    (the capture plan where eager calls take a one-launch plan: what a graph replays)."""
-    cpu = torch.device("cpu")
+@contextlib.contextmanager
+def _planned_as_gpu(a):
+    """While inside: plans built on CPU tensors take what the GPU of `a` (arch, SMs) would get: its SM
+    count for the split heuristic, the pinned FP8 widening (sm_89+) and PDL (sm_90+)."""
     saved = decode_mod._v_widen, decode_mod._pdl_available, dict(decode_mod._SM_COUNT)
-    decode_mod._SM_COUNT[cpu] = a.sms
-    gpu_widen = a.arch >= 89 and decode_mod.PINNED_WIDEN_ENABLED
-    decode_mod._v_widen = lambda device, kv: (2 if kv == "fp8_e5m2" else 1) if gpu_widen else 0
+    decode_mod._SM_COUNT[torch.device("cpu")] = a.sms
+    widen = a.arch >= 89 and decode_mod.PINNED_WIDEN_ENABLED
+    decode_mod._v_widen = lambda device, kv: (2 if kv == "fp8_e5m2" else 1) if widen else 0
     decode_mod._pdl_available = lambda device: a.arch >= 90 and decode_mod.PDL_ENABLED and decode_mod._HAS_GDC
     try:
-        q, k, v, bt, sl = _inputs(batch, ctx, cache, layout, a)
-        one = torch.ones(1, dtype=torch.float32)
-        fp8 = cache != "auto"
-        plan = decode_mod._build_plan(q, k, v, bt, sl, layout, None, "fp8" if fp8 else "auto", one if fp8 else None,
-                                      one if fp8 else None, None, a.num_splits, None)
+        yield
     finally:
         decode_mod._v_widen, decode_mod._pdl_available = saved[0], saved[1]
         decode_mod._SM_COUNT.clear()
         decode_mod._SM_COUNT.update(saved[2])
+
+
+def decode_kernel_sass(batch, ctx, cache, layout, a):
+    """(row dict, SASS listing) of the main decode kernel that a call at this point launches on the GPU
+    (the capture plan where eager calls take a one-launch plan: what a graph replays)."""
+    q, k, v, bt, sl = _inputs(batch, ctx, cache, layout, a)
+    one = torch.ones(1, dtype=torch.float32)
+    fp8 = cache != "auto"
+    with _planned_as_gpu(a):
+        plan = decode_mod._build_plan(q, k, v, bt, sl, layout, None, "fp8" if fp8 else "auto", one if fp8 else None,
+                                      one if fp8 else None, None, a.num_splits, None)
     plan = plan.capture_plan or plan
     kern = decode_mod._paged_decode_kernel
     names = [p.name for p in kern.params]
@@ -212,13 +220,9 @@ def tma_probe_sass(batch, ctx, cache, layout, a, cfg, num_splits):
     """(row dict, SASS listing) of tma_decode_probe.py's kernel at this point; cfg = (pages, stages, warps)."""
     import tma_decode_probe as probe
 
-    saved = decode_mod._v_widen
-    decode_mod._v_widen = lambda device, kv: (2 if kv == "fp8_e5m2" else 1) if a.arch >= 89 else 0
-    try:
-        q, k, v, bt, sl = _inputs(batch, ctx, cache, layout, a)
+    q, k, v, bt, sl = _inputs(batch, ctx, cache, layout, a)
+    with _planned_as_gpu(a):
         p = probe.TmaDecode(q, k, v, bt, sl, layout, num_splits, *cfg)
-    finally:
-        decode_mod._v_widen = saved
     qq, kd, vd, bt_, sl_ = p.args
     compiled = compile_for(probe._tma_decode_kernel, a.arch, qq, kd, vd, bt_, sl_, p.out, p.part_acc, p.part_max,
                            p.part_sum, p.arrivals, p.v_scale, *p.ints, **p.consts)
