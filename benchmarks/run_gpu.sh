@@ -11,6 +11,7 @@
 #   sweep   decode-step benchmark: the full sweep
 #   sass    the decode kernel's loop instructions as this machine's Triton compiles them (sass_loops.py)
 #   tma     tma_decode_probe.py: page tiles by TMA copies against the real op, graph µs (TMA_CONFIGS)
+#   readprobe  paged_read_probe.py: the op's bytes through its table with no attention, next to the op
 # Logs go to OUTDIR; results (JSON, PNG, logs) are written under benchmarks/results/ and tarred into
 # OUTDIR/results.tgz (the device tool returns at most 8 files). Each stage has its own time limit.
 # Carried wheels (FlashInfer) must already be on PYTHONPATH. Set MINIATTN_GIT_COMMIT to HEAD's hash.
@@ -90,6 +91,9 @@ for stage in "$@"; do
       timeout 400 python benchmarks/tma_decode_probe.py --points 16x4096,64x4096,16x16384,16x512 \
         --configs "${TMA_CONFIGS:-1x4x1,2x4x1,2x5x1,4x3x1}" --out "$R/tma_decode_probe_$GPU_TAG.json" \
         > "$out/tma.log" 2>&1 ;;
+    readprobe)
+      timeout 300 python benchmarks/paged_read_probe.py --points 16x4096,64x4096,1x16384,16x512,1x512 \
+        --out "$R/paged_read_probe_$GPU_TAG.json" > "$out/readprobe.log" 2>&1 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
   echo "stage $stage: rc=$? $(( $(date +%s) - start )) s" | tee -a "$out/stages.txt"

@@ -1,0 +1,160 @@
+"""Probe: how fast can a kernel read the decode's paged keys and values at all, with no attention?
+
+The question (issue 3's misses at b16 x 4096, b1 x 16384 and FP8 b16 x 4096): how much of the op's
+time is the bytes through a random block table, with the op's program shape and timing, and how
+much is the attention around them? The probe kernel has the op's grid (split pieces x kv heads x
+rows), walks its piece in the op's steps (BLOCK_N tokens), gathers the next step's block ids a step
+ahead, loads each step's key and value tiles [BLOCK_N, head_size] of its kv head from the NHD caches
+and adds them up; one float per program comes out, no merge. Next to it, in the same run and rounds:
+the op itself, the probe over a table that lists the same blocks in allocation order, a plain Triton
+streaming read of the same number of bytes (`timing.triton_read`), and torch SDPA on a contiguous
+cache (16-bit only). All graph-replayed, do_bench medians (cold L2 after its flush).
+
+    python benchmarks/paged_read_probe.py --points 16x4096,64x4096,1x16384 --out results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_inputs import make_inputs  # noqa: E402
+
+from miniattn import paged_decode_attention  # noqa: E402
+from miniattn import timing  # noqa: E402
+from miniattn.ops import decode as decode_mod  # noqa: E402
+
+_A = SimpleNamespace(dtype="bf16", block_size=16, num_q_heads=32, num_kv_heads=8, head_size=128)
+
+
+@triton.jit
+def _paged_read_kernel(k_ptr, v_ptr, table_ptr, out_ptr, piece_len, table_stride, blk_stride, tok_stride,
+                       head_stride, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr):
+    """out[row, head, piece] = sum of the piece's key and value elements (as float32). The piece is
+    tokens [piece x piece_len, (piece + 1) x piece_len) of the row, piece_len a multiple of BLOCK_N and
+    BLOCK_N of BLOCK_SIZE, so every step covers whole blocks and needs no mask."""
+    piece, head, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = piece * piece_len + tl.arange(0, BLOCK_N)
+    end = (piece + 1) * piece_len
+    tbl = table_ptr + row.to(tl.int64) * table_stride
+    slot = (t % BLOCK_SIZE) * tok_stride + head * head_stride  # the same every step: steps cover whole blocks
+    d = tl.arange(0, HEAD)
+    blk = tl.load(tbl + t // BLOCK_SIZE)
+    acc = tl.zeros([BLOCK_N, HEAD], tl.float32)
+    for s in range(0, piece_len, BLOCK_N):
+        t += BLOCK_N
+        nxt = tl.load(tbl + t // BLOCK_SIZE, mask=t < end, other=0)  # ahead
+        off = blk.to(tl.int64) * blk_stride + slot
+        k = tl.load(k_ptr + off[:, None] + d[None, :])
+        v = tl.load(v_ptr + off[:, None] + d[None, :])
+        acc += k.to(tl.float32) + v.to(tl.float32)
+        blk = nxt
+    n_pieces = tl.num_programs(0)
+    tl.store(out_ptr + (row * tl.num_programs(1) + head) * n_pieces + piece, tl.sum(tl.sum(acc, 1), 0))
+
+
+def paged_read(k, v, table, ctx, pieces, block_n, warps=4, stages=2, out=None):
+    """Launch the probe over NHD caches `k`, `v` [blocks, block_size, heads, head] (1-byte caches as
+    uint8), `table` [batch, max_blocks] int32, every row `ctx` tokens; returns out [batch, heads, pieces]."""
+    batch, (bs, heads, head) = table.shape[0], k.shape[1:]
+    piece_len = ctx // pieces
+    if ctx % pieces or piece_len % block_n or block_n % bs:
+        raise ValueError(f"ctx {ctx} must split into {pieces} pieces of whole {block_n}-token steps of "
+                         f"whole {bs}-token blocks")
+    out = torch.empty(batch, heads, pieces, dtype=torch.float32, device=k.device) if out is None else out
+    _paged_read_kernel[(pieces, heads, batch)](
+        k, v, table, out, piece_len, table.stride(0), k.stride(0), k.stride(1), k.stride(2),
+        BLOCK_SIZE=bs, BLOCK_N=block_n, HEAD=head, num_warps=warps, num_stages=stages)
+    return out
+
+
+def paged_read_ref(k, v, table, ctx, pieces):
+    """The probe's sums in float64."""
+    batch, (bs, heads, head) = table.shape[0], k.shape[1:]
+    rows = []
+    for b in range(batch):
+        t = torch.arange(ctx, device=k.device)
+        blk = table[b].long()[t // bs]
+        kv = k[blk, t % bs].double() + v[blk, t % bs].double()  # [ctx, heads, head]
+        rows.append(kv.reshape(pieces, ctx // pieces, heads, head).sum((1, 3)).T)
+    return torch.stack(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--points", default="16x4096,64x4096,1x16384,16x512", help="BATCHxCTX, comma separated")
+    ap.add_argument("--caches", default="auto,fp8", help="auto (bf16) and / or fp8 (e4m3, scale 0.25)")
+    ap.add_argument("--stages", default="2,3", help="the probe's num_stages values, comma separated")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    ceiling = timing.read_bandwidth()
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
+          f"read ceiling {ceiling:.0f} GB/s", flush=True)
+    rows = []
+    s1 = torch.tensor([0.25], device="cuda")
+    for point in a.points.split(","):
+        batch, ctx = (int(x) for x in point.split("x"))
+        inp = make_inputs(batch, ctx, _A)
+        q, bt, sl = inp["query"], inp["block_tables"], inp["seq_lens"]
+        seq_table = torch.arange(bt.numel(), dtype=torch.int32, device="cuda").reshape(bt.shape)
+        for cache in a.caches.split(","):
+            fp8 = cache == "fp8"
+            k, v = ((inp["k"] / s1).to(torch.float8_e4m3fn), (inp["v"] / s1).to(torch.float8_e4m3fn)) if fp8 \
+                else (inp["k"], inp["v"])
+            extra = dict(kv_cache_dtype="fp8", k_scale=s1, v_scale=s1) if fp8 else {}
+            kr, vr = (k.view(torch.uint8), v.view(torch.uint8)) if fp8 else (k, v)
+            nbytes = batch * ctx * _A.num_kv_heads * _A.head_size * 2 * k.element_size()
+            decode_mod._PLANS.clear()
+            op = lambda: paged_decode_attention(q, k, v, bt, sl, **extra)  # noqa: E731
+            op()
+            plan = next(iter(decode_mod._PLANS.values()))
+            plan = plan.capture_plan or plan
+            splits, block_n = plan.splits, plan.consts[1]
+            cands = [(f"miniattn ({splits} x {block_n}/{plan.warps}w/{plan.stages}s)", op)]
+            ref = paged_read_ref(kr, vr, bt, ctx, splits)
+            for st in [int(x) for x in a.stages.split(",") if x]:
+                for tname, table in (("random table", bt), ("blocks in order", seq_table)):
+                    fn = lambda table=table, st=st: paged_read(kr, vr, table, ctx, splits, block_n, stages=st)  # noqa: E731
+                    if table is bt:
+                        got = fn().double()
+                        err = float((got - ref).abs().max() / ref.abs().max())
+                        assert err < 1e-4, f"probe sums off by {err:.1e} at {point} {cache}"
+                    cands.append((f"read, {tname}, {st}s", fn))
+            words = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda").random_()
+            part = torch.empty(-(-words.numel() // 4096), dtype=torch.int32, device="cuda")
+            cands.append(("plain read, same bytes", lambda: timing.triton_read(words, part)))
+            if not fp8:
+                import torch.nn.functional as F
+                dense = lambda c: c[bt.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()  # noqa: E731
+                kd, vd = dense(k), dense(v)
+                cands.append(("torch SDPA, contiguous", lambda: F.scaled_dot_product_attention(
+                    q[:, :, None], kd, vd, enable_gqa=True)))
+            for rnd in range(a.rounds):  # alternating, so that drift hits every candidate alike
+                for name, fn in cands:
+                    us = timing.time_graph(fn)
+                    gb = timing.gbps(nbytes, us)
+                    rows.append(dict(batch=batch, ctx=ctx, cache=cache, impl=name, splits=splits, block_n=block_n,
+                                     round=rnd, us=us, gbps=gb, pct=100 * gb / ceiling))
+                    print(f"  b{batch:<3} x {ctx:<6} {cache:<4} {name:<34} {us:8.1f} us {gb:6.0f} GB/s "
+                          f"{rows[-1]['pct']:5.1f}%", flush=True)
+            del cands, words, part
+            decode_mod._PLANS.clear()
+        del inp
+        torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(config=vars(a), env=timing.env_info(), read_ceiling_gbps=ceiling, rows=rows), f, indent=1)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
