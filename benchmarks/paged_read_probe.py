@@ -3,8 +3,8 @@
 The question (issue 3's misses at b16 x 4096, b1 x 16384 and FP8 b16 x 4096): how much of the op's
 time is the bytes through a random block table, with the op's program shape and timing, and how
 much is the attention around them? The probe kernel has the op's grid (split pieces x kv heads x
-rows), walks its piece in the op's steps (BLOCK_N tokens), gathers the next step's block ids a step
-ahead, loads each step's key and value tiles [BLOCK_N, head_size] of its kv head from the NHD caches
+rows; `--shapes` for others), walks its piece in the op's steps (BLOCK_N tokens), gathers the next
+step's block ids a step ahead, loads each step's key and value tiles [BLOCK_N, head_size] of its kv head from the NHD caches
 and adds them up; one float per program comes out, no merge. Next to it, in the same run and rounds:
 the op itself, the probe over a table that lists the same blocks in allocation order, a plain Triton
 streaming read of the same number of bytes (`timing.triton_read`), and torch SDPA on a contiguous
@@ -92,7 +92,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="16x4096,64x4096,1x16384,16x512", help="BATCHxCTX, comma separated")
     ap.add_argument("--caches", default="auto,fp8", help="auto (bf16) and / or fp8 (e4m3, scale 0.25)")
-    ap.add_argument("--stages", default="2,3", help="the probe's num_stages values, comma separated")
+    ap.add_argument("--stages", default="2,3", help="the probe's num_stages values with the op's shape")
+    ap.add_argument("--shapes", default="", help="more probe shapes PIECESxBLOCK_NxWARPSxSTAGES, comma separated "
+                    "(random table only)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -120,15 +122,21 @@ def main():
             plan = plan.capture_plan or plan
             splits, block_n = plan.splits, plan.consts[1]
             cands = [(f"miniattn ({splits} x {block_n}/{plan.warps}w/{plan.stages}s)", op)]
-            ref = paged_read_ref(kr, vr, bt, ctx, splits)
-            for st in [int(x) for x in a.stages.split(",") if x]:
-                for tname, table in (("random table", bt), ("blocks in order", seq_table)):
-                    fn = lambda table=table, st=st: paged_read(kr, vr, table, ctx, splits, block_n, stages=st)  # noqa: E731
-                    if table is bt:
-                        got = fn().double()
-                        err = float((got - ref).abs().max() / ref.abs().max())
-                        assert err < 1e-4, f"probe sums off by {err:.1e} at {point} {cache}"
-                    cands.append((f"read, {tname}, {st}s", fn))
+            shapes = [(splits, block_n, plan.warps, int(st), t) for st in a.stages.split(",") if st
+                      for t in ("random table", "blocks in order")]
+            shapes += [(*(int(x) for x in sh.split("x")), "random table") for sh in a.shapes.split(",") if sh]
+            for pieces, bn, w, st, tname in shapes:
+                table = bt if tname == "random table" else seq_table
+                fn = lambda t=table, p=pieces, bn=bn, w=w, st=st: paged_read(kr, vr, t, ctx, p, bn, w, st)  # noqa: E731
+                try:
+                    got = fn().double()
+                except ValueError as e:  # a shape that does not divide this point
+                    print(f"  skip {pieces}x{bn}x{w}x{st} at {point}: {e}", flush=True)
+                    continue
+                ref = paged_read_ref(kr, vr, table, ctx, pieces)
+                err = float((got - ref).abs().max() / ref.abs().max())
+                assert err < 1e-4, f"probe sums off by {err:.1e} at {point} {cache}"
+                cands.append((f"read, {tname}, {pieces} x {bn}/{w}w/{st}s", fn))
             words = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda").random_()
             part = torch.empty(-(-words.numel() // 4096), dtype=torch.int32, device="cuda")
             cands.append(("plain read, same bytes", lambda: timing.triton_read(words, part)))
