@@ -31,16 +31,27 @@ from decode_inputs import make_inputs  # noqa: E402
 from miniattn import paged_decode_attention  # noqa: E402
 from miniattn import timing  # noqa: E402
 from miniattn.ops import decode as decode_mod  # noqa: E402
+from miniattn.ops.launch import interpreting  # noqa: E402
 
 _A = SimpleNamespace(dtype="bf16", block_size=16, num_q_heads=32, num_kv_heads=8, head_size=128)
 
 
 @triton.jit
+def _tiles(k_ptr, v_ptr, blk, blk_stride, slot, d):
+    off = blk.to(tl.int64) * blk_stride + slot
+    return tl.load(k_ptr + off[:, None] + d[None, :]), tl.load(v_ptr + off[:, None] + d[None, :])
+
+
+@triton.jit
 def _paged_read_kernel(k_ptr, v_ptr, table_ptr, out_ptr, piece_len, table_stride, blk_stride, tok_stride,
-                       head_stride, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr):
+                       head_stride, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+                       MODE: tl.constexpr, ONE_BYTE: tl.constexpr, DOT_F32: tl.constexpr):
     """out[row, head, piece] = sum of the piece's key and value elements (as float32). The piece is
     tokens [piece x piece_len, (piece + 1) x piece_len) of the row, piece_len a multiple of BLOCK_N and
-    BLOCK_N of BLOCK_SIZE, so every step covers whole blocks and needs no mask."""
+    BLOCK_N of BLOCK_SIZE, so every step covers whole blocks and needs no mask. MODE 0: each step's
+    tiles are loaded and added (one step in flight); 1: the next step's tiles are loaded into
+    registers before this step's are added (two in flight); 2: the tiles feed a dot with a one-hot
+    row (what makes Triton pipeline them as cp.async copies into shared memory, num_stages deep)."""
     piece, head, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = piece * piece_len + tl.arange(0, BLOCK_N)
     end = (piece + 1) * piece_len
@@ -48,22 +59,45 @@ def _paged_read_kernel(k_ptr, v_ptr, table_ptr, out_ptr, piece_len, table_stride
     slot = (t % BLOCK_SIZE) * tok_stride + head * head_stride  # the same every step: steps cover whole blocks
     d = tl.arange(0, HEAD)
     blk = tl.load(tbl + t // BLOCK_SIZE)
-    acc = tl.zeros([BLOCK_N, HEAD], tl.float32)
+    if MODE == 2:
+        acc = tl.zeros([16, HEAD], tl.float32)
+        one_hot = (tl.arange(0, 16)[:, None] == 0) & (tl.arange(0, BLOCK_N)[None, :] >= 0)
+    else:
+        acc = tl.zeros([BLOCK_N, HEAD], tl.float32)
+    if MODE == 1:
+        k, v = _tiles(k_ptr, v_ptr, blk, blk_stride, slot, d)
     for s in range(0, piece_len, BLOCK_N):
         t += BLOCK_N
         nxt = tl.load(tbl + t // BLOCK_SIZE, mask=t < end, other=0)  # ahead
-        off = blk.to(tl.int64) * blk_stride + slot
-        k = tl.load(k_ptr + off[:, None] + d[None, :])
-        v = tl.load(v_ptr + off[:, None] + d[None, :])
-        acc += k.to(tl.float32) + v.to(tl.float32)
+        if MODE == 1:
+            k_next, v_next = _tiles(k_ptr, v_ptr, nxt, blk_stride, slot, d)
+            acc += k.to(tl.float32) + v.to(tl.float32)
+            k, v = k_next, v_next
+        elif MODE == 2:
+            k, v = _tiles(k_ptr, v_ptr, blk, blk_stride, slot, d)
+            if DOT_F32:  # the interpreter's tl.dot multiplies bf16 as raw bits
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            elif ONE_BYTE:
+                k, v = k.to(tl.bfloat16), v.to(tl.bfloat16)
+            e = one_hot.to(k.dtype)
+            acc = tl.dot(e, k, acc)
+            acc = tl.dot(e, v, acc)
+        else:
+            k, v = _tiles(k_ptr, v_ptr, blk, blk_stride, slot, d)
+            acc += k.to(tl.float32) + v.to(tl.float32)
         blk = nxt
     n_pieces = tl.num_programs(0)
     tl.store(out_ptr + (row * tl.num_programs(1) + head) * n_pieces + piece, tl.sum(tl.sum(acc, 1), 0))
 
 
-def paged_read(k, v, table, ctx, pieces, block_n, warps=4, stages=2, out=None):
+#: the probe's load disciplines, by name (MODE of the kernel)
+MODES = {"plain": 0, "prefetch": 1, "cp.async": 2}
+
+
+def paged_read(k, v, table, ctx, pieces, block_n, warps=4, stages=2, mode="plain", out=None):
     """Launch the probe over NHD caches `k`, `v` [blocks, block_size, heads, head] (1-byte caches as
-    uint8), `table` [batch, max_blocks] int32, every row `ctx` tokens; returns out [batch, heads, pieces]."""
+    uint8), `table` [batch, max_blocks] int32, every row `ctx` tokens, loads as `mode` (MODES);
+    returns out [batch, heads, pieces]."""
     batch, (bs, heads, head) = table.shape[0], k.shape[1:]
     piece_len = ctx // pieces
     if ctx % pieces or piece_len % block_n or block_n % bs:
@@ -72,7 +106,9 @@ def paged_read(k, v, table, ctx, pieces, block_n, warps=4, stages=2, out=None):
     out = torch.empty(batch, heads, pieces, dtype=torch.float32, device=k.device) if out is None else out
     _paged_read_kernel[(pieces, heads, batch)](
         k, v, table, out, piece_len, table.stride(0), k.stride(0), k.stride(1), k.stride(2),
-        BLOCK_SIZE=bs, BLOCK_N=block_n, HEAD=head, num_warps=warps, num_stages=stages)
+        BLOCK_SIZE=bs, BLOCK_N=block_n, HEAD=head, MODE=MODES[mode], ONE_BYTE=k.element_size() == 1,
+        DOT_F32=interpreting(),
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -95,9 +131,11 @@ def main():
     ap.add_argument("--stages", default="2,3", help="the probe's num_stages values with the op's shape")
     ap.add_argument("--shapes", default="", help="more probe shapes PIECESxBLOCK_NxWARPSxSTAGES, comma separated "
                     "(random table only)")
+    ap.add_argument("--modes", default="plain,prefetch,cp.async", help=f"load disciplines: {', '.join(MODES)}")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    modes = [m for m in a.modes.split(",") if m]
     ceiling = timing.read_bandwidth()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
           f"read ceiling {ceiling:.0f} GB/s", flush=True)
@@ -122,21 +160,26 @@ def main():
             plan = plan.capture_plan or plan
             splits, block_n = plan.splits, plan.consts[1]
             cands = [(f"miniattn ({splits} x {block_n}/{plan.warps}w/{plan.stages}s)", op)]
-            shapes = [(splits, block_n, plan.warps, int(st), t) for st in a.stages.split(",") if st
-                      for t in ("random table", "blocks in order")]
-            shapes += [(*(int(x) for x in sh.split("x")), "random table") for sh in a.shapes.split(",") if sh]
-            for pieces, bn, w, st, tname in shapes:
+            shapes = [(splits, block_n, plan.warps, int(st), t, m) for st in a.stages.split(",") if st
+                      for t in ("random table", "blocks in order") for m in modes]
+            shapes += [(*(int(x) for x in sh.split("x")), "random table", m)
+                       for sh in a.shapes.split(",") if sh for m in modes]
+            for pieces, bn, w, st, tname, mode in shapes:
                 table = bt if tname == "random table" else seq_table
-                fn = lambda t=table, p=pieces, bn=bn, w=w, st=st: paged_read(kr, vr, t, ctx, p, bn, w, st)  # noqa: E731
+                fn = lambda t=table, p=pieces, bn=bn, w=w, st=st, m=mode: paged_read(  # noqa: E731
+                    kr, vr, t, ctx, p, bn, w, st, m)
                 try:
                     got = fn().double()
                 except ValueError as e:  # a shape that does not divide this point
                     print(f"  skip {pieces}x{bn}x{w}x{st} at {point}: {e}", flush=True)
                     continue
+                except Exception as e:  # a shape that does not compile here (registers, shared memory)
+                    print(f"  {pieces}x{bn}x{w}x{st} {mode} at {point}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
                 ref = paged_read_ref(kr, vr, table, ctx, pieces)
                 err = float((got - ref).abs().max() / ref.abs().max())
                 assert err < 1e-4, f"probe sums off by {err:.1e} at {point} {cache}"
-                cands.append((f"read, {tname}, {pieces} x {bn}/{w}w/{st}s", fn))
+                cands.append((f"read {mode}, {tname}, {pieces} x {bn}/{w}w/{st}s", fn))
             words = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda").random_()
             part = torch.empty(-(-words.numel() // 4096), dtype=torch.int32, device="cuda")
             cands.append(("plain read, same bytes", lambda: timing.triton_read(words, part)))
@@ -152,7 +195,7 @@ def main():
                     gb = timing.gbps(nbytes, us)
                     rows.append(dict(batch=batch, ctx=ctx, cache=cache, impl=name, splits=splits, block_n=block_n,
                                      round=rnd, us=us, gbps=gb, pct=100 * gb / ceiling))
-                    print(f"  b{batch:<3} x {ctx:<6} {cache:<4} {name:<34} {us:8.1f} us {gb:6.0f} GB/s "
+                    print(f"  b{batch:<3} x {ctx:<6} {cache:<4} {name:<44} {us:8.1f} us {gb:6.0f} GB/s "
                           f"{rows[-1]['pct']:5.1f}%", flush=True)
             del cands, words, part
             decode_mod._PLANS.clear()

@@ -1,6 +1,6 @@
 """benchmarks/paged_read_probe.py's kernel reads exactly the bytes the decode op reads: its per-piece
 sums equal the float64 sums of each row's tokens through the block table, 16-bit and 1-byte caches,
-one piece and several, with every block no row uses poisoned (NaN / 0xFF bytes would show)."""
+one piece and several, each load discipline, with every block no row uses poisoned (NaN / 0xFF bytes would show)."""
 
 import os
 import sys
@@ -35,12 +35,13 @@ def _inputs(one_byte):
     return [t.to(DEVICE) for t in (k, v, bt)]
 
 
+@pytest.mark.parametrize("mode", list(probe.MODES))
 @pytest.mark.parametrize("one_byte", [False, True])
 @pytest.mark.parametrize("pieces,block_n", [(1, 32), (2, 32), (4, 16)])
-def test_paged_read_sums(one_byte, pieces, block_n):
+def test_paged_read_sums(mode, one_byte, pieces, block_n):
     k, v, bt = _inputs(one_byte)
     out = torch.full((BATCH, KVH, pieces), float("nan"), device=DEVICE)
-    probe.paged_read(k, v, bt, CTX, pieces, block_n, out=out)
+    probe.paged_read(k, v, bt, CTX, pieces, block_n, mode=mode, out=out)
     ref = probe.paged_read_ref(k, v, bt, CTX, pieces)
     assert out.shape == ref.shape == (BATCH, KVH, pieces)
     assert torch.isfinite(out).all()
