@@ -4,8 +4,10 @@ The question (issue 3's misses at b16 x 4096, b1 x 16384 and FP8 b16 x 4096): ho
 time is the bytes through a random block table, with the op's program shape and timing, and how
 much is the attention around them? The probe kernel has the op's grid (split pieces x kv heads x
 rows; `--shapes` for others), walks its piece in the op's steps (BLOCK_N tokens), gathers the next
-step's block ids a step ahead, loads each step's key and value tiles [BLOCK_N, head_size] of its kv head from the NHD caches
-and adds them up; one float per program comes out, no merge. Next to it, in the same run and rounds:
+step's block ids a step ahead, loads each step's key and value tiles [BLOCK_N, head_size] of its kv
+head from the NHD caches and adds them up; one float per program comes out, no merge. Loads come in
+three disciplines (`--modes`, `MODES`): one step in flight, the next step's tiles prefetched into
+registers, or cp.async copies into shared memory as the op's. Next to it, in the same run and rounds:
 the op itself, the probe over a table that lists the same blocks in allocation order, a plain Triton
 streaming read of the same number of bytes (`timing.triton_read`), and torch SDPA on a contiguous
 cache (16-bit only). All graph-replayed, do_bench medians (cold L2 after its flush).
@@ -61,6 +63,7 @@ def _paged_read_kernel(k_ptr, v_ptr, table_ptr, out_ptr, piece_len, table_stride
     blk = tl.load(tbl + t // BLOCK_SIZE)
     if MODE == 2:
         acc = tl.zeros([16, HEAD], tl.float32)
+        # [16, BLOCK_N], ones in row 0: e @ tile is the tile's column sums in row 0, zeros elsewhere
         one_hot = (tl.arange(0, 16)[:, None] == 0) & (tl.arange(0, BLOCK_N)[None, :] >= 0)
     else:
         acc = tl.zeros([BLOCK_N, HEAD], tl.float32)
@@ -136,6 +139,9 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     modes = [m for m in a.modes.split(",") if m]
+    if not timing.has_cuda():
+        print("paged_read_probe: needs a CUDA GPU (tests/test_paged_read_probe.py runs the kernel anywhere)")
+        return
     ceiling = timing.read_bandwidth()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
           f"read ceiling {ceiling:.0f} GB/s", flush=True)
@@ -159,7 +165,8 @@ def main():
             plan = next(iter(decode_mod._PLANS.values()))
             plan = plan.capture_plan or plan
             splits, block_n = plan.splits, plan.consts[1]
-            cands = [(f"miniattn ({splits} x {block_n}/{plan.warps}w/{plan.stages}s)", op)]
+            cands = [(f"miniattn ({splits} x {block_n}/{plan.warps}w/{plan.stages}s)", op,
+                      dict(pieces=splits, block_n=block_n, warps=plan.warps, stages=plan.stages))]
             shapes = [(splits, block_n, plan.warps, int(st), t, m) for st in a.stages.split(",") if st
                       for t in ("random table", "blocks in order") for m in modes]
             shapes += [(*(int(x) for x in sh.split("x")), "random table", m)
@@ -174,26 +181,28 @@ def main():
                     print(f"  skip {pieces}x{bn}x{w}x{st} at {point}: {e}", flush=True)
                     continue
                 except Exception as e:  # a shape that does not compile here (registers, shared memory)
-                    print(f"  {pieces}x{bn}x{w}x{st} {mode} at {point}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    print(f"  {pieces}x{bn}x{w}x{st} {mode} at {point}: {type(e).__name__}: {str(e)[:200]}",
+                          flush=True)
                     continue
                 ref = paged_read_ref(kr, vr, table, ctx, pieces)
                 err = float((got - ref).abs().max() / ref.abs().max())
                 assert err < 1e-4, f"probe sums off by {err:.1e} at {point} {cache}"
-                cands.append((f"read {mode}, {tname}, {pieces} x {bn}/{w}w/{st}s", fn))
+                cands.append((f"read {mode}, {tname}, {pieces} x {bn}/{w}w/{st}s", fn,
+                              dict(pieces=pieces, block_n=bn, warps=w, stages=st, mode=mode, table=tname)))
             words = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda").random_()
             part = torch.empty(-(-words.numel() // 4096), dtype=torch.int32, device="cuda")
-            cands.append(("plain read, same bytes", lambda: timing.triton_read(words, part)))
+            cands.append(("plain read, same bytes", lambda: timing.triton_read(words, part), {}))
             if not fp8:
                 import torch.nn.functional as F
                 dense = lambda c: c[bt.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()  # noqa: E731
                 kd, vd = dense(k), dense(v)
                 cands.append(("torch SDPA, contiguous", lambda: F.scaled_dot_product_attention(
-                    q[:, :, None], kd, vd, enable_gqa=True)))
+                    q[:, :, None], kd, vd, enable_gqa=True), {}))
             for rnd in range(a.rounds):  # alternating, so that drift hits every candidate alike
-                for name, fn in cands:
+                for name, fn, shape in cands:
                     us = timing.time_graph(fn)
                     gb = timing.gbps(nbytes, us)
-                    rows.append(dict(batch=batch, ctx=ctx, cache=cache, impl=name, splits=splits, block_n=block_n,
+                    rows.append(dict(batch=batch, ctx=ctx, cache=cache, impl=name, **shape,
                                      round=rnd, us=us, gbps=gb, pct=100 * gb / ceiling))
                     print(f"  b{batch:<3} x {ctx:<6} {cache:<4} {name:<44} {us:8.1f} us {gb:6.0f} GB/s "
                           f"{rows[-1]['pct']:5.1f}%", flush=True)
