@@ -1,6 +1,7 @@
 """benchmarks/paged_read_probe.py's kernel reads exactly the bytes the decode op reads: its per-piece
 sums equal the float64 sums of each row's tokens through the block table, 16-bit and 1-byte caches,
-one piece and several, each load discipline, with every block no row uses poisoned (NaN / 0xFF bytes would show)."""
+one piece and several, each load discipline, with every block no row uses poisoned (NaN / 0xFF
+bytes would show)."""
 
 import os
 import sys
