@@ -24,7 +24,6 @@ ldmatrix), so time it only where a Triton version compiles it better.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -305,8 +304,7 @@ def main():
         del inp
         torch.cuda.empty_cache()
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(config=vars(a), env=timing.env_info(), read_ceiling_gbps=ceiling, rows=rows), f, indent=1)
+        timing.write_json(a.out, vars(a), rows, {"read_ceiling_gbps": ceiling})
         print(f"wrote {a.out}")
 
 
